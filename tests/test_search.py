@@ -571,6 +571,12 @@ def test_server_commands_per_engine(monkeypatch: pytest.MonkeyPatch) -> None:
                        "--served-model-name", "smollm2-135m-instruct", "--host", "127.0.0.1", "--port", "6001",
                        "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "4096"]
     assert cpu._env()["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    half = SimulationServer("smollm2-135m-instruct", gpu=False, kv_cache_gib=0.5)
+    assert half.command("/m")[-6:-4] == ["--kv-cache-memory-bytes", str(2**29)]  # the env var takes whole GiB
+    assert "VLLM_CPU_KVCACHE_SPACE" not in half._env()
+    one = SimulationServer("smollm2-135m-instruct", gpu=False, kv_cache_gib=1.0)
+    assert one._env()["VLLM_CPU_KVCACHE_SPACE"] == "1" and "--kv-cache-memory-bytes" not in one.command("/m")
     gpu = SimulationServer("sim-14b", port=6002, host="0.0.0.0", tp=2, dp=2, gpu=True)
     assert gpu.engine == "sglang"
     assert gpu.command("/m")[1:] == ["-m", "sglang.launch_server", "--model-path", "/m", "--served-model-name",

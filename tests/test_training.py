@@ -250,3 +250,21 @@ def test_bf16_autocast_log_probs_stay_close_to_fp32(tiny_model_dir):
     assert not torch.equal(exact, mixed)  # autocast really ran in bf16
     torch.testing.assert_close(mixed, exact, atol=0.05, rtol=0.02)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights untouched
+
+
+def test_summary_reports_heldout_reward_and_scores_before_and_after(tmp_path):
+    from zerosearch.training.summary import write_summary
+
+    val = [{"step": 0, "val/reward": 0.03, "val/f1": 0.0, "val/em": 0.0, "val/answer_rate": 0.3,
+            "val/searches_per_traj": 0.6},
+           {"step": 8, "val/reward": 0.15, "val/f1": 0.08, "val/em": 0.05, "val/answer_rate": 0.9,
+            "val/searches_per_traj": 0.2}]
+    rows = [{"step": 1, "reward/mean": 0.02}, *val, {"step": 8, "reward/mean": 0.1}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = write_summary(tmp_path, {"val": val}, steps=8, wall_s=120.0, peak_rss_gib=3.5, simulated_queries=12)
+    assert summary["heldout_reward_before"] == 0.03 and summary["heldout_reward_after"] == 0.15
+    assert summary["heldout_f1_before"] == 0.0 and summary["heldout_f1_after"] == 0.08
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    table = (tmp_path / "summary.md").read_text()
+    assert "| reward | 0.0300 | 0.1500 |" in table and "| f1 | 0.0000 | 0.0800 |" in table
+    assert (tmp_path / "reward_curve.png").stat().st_size > 0

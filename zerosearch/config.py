@@ -58,7 +58,7 @@ class DataConfig:
     val_size: int = 256
     """How many test questions each validation uses (0 = all)."""
     prompt_template: str = ""
-    """Rebuild every prompt from this file of `zerosearch/data/templates/` (empty = keep the data's prompts)."""
+    """Rebuild every prompt from this template: a file of `zerosearch/data/templates/` or a path (empty = keep the data's prompts)."""
     max_prompt_length: int = 4096
     """Prompts longer than this many tokens are rejected with an error naming the row."""
     shuffle: bool = True

@@ -75,7 +75,7 @@ class DataFormatError(ValueError):
 
 @lru_cache(maxsize=1)
 def _policy_template(name: str = "") -> str:
-    path = TEMPLATE_DIR / name if name else POLICY_PROMPT_FILE
+    path = (Path(name) if Path(name).is_file() else TEMPLATE_DIR / name) if name else POLICY_PROMPT_FILE
     if not path.is_file():
         choices = sorted(p.name for p in TEMPLATE_DIR.glob("*.txt"))
         raise FileNotFoundError(f"prompt template {path} not found; choose one of {choices}")
@@ -84,7 +84,7 @@ def _policy_template(name: str = "") -> str:
 
 def build_prompt(question: str, template: str = "") -> list[dict]:
     """The policy prompt for `question`: one user message from `templates/policy_prompt.txt`
-    (or another file of `templates/` named by `template`)."""
+    (or `template`: a file of `templates/` by name, or a path)."""
     return [{"role": "user", "content": _policy_template(template).replace("{question}", question.strip())}]
 
 

@@ -159,6 +159,9 @@ class SimulationServer:
             cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path, *common]
             if not self.gpu:
                 cmd += ["--enforce-eager"]
+                if self.kv_cache_gib is not None and not float(self.kv_cache_gib).is_integer():
+                    # VLLM_CPU_KVCACHE_SPACE takes whole GiB only; a fraction goes by bytes
+                    cmd += ["--kv-cache-memory-bytes", str(int(self.kv_cache_gib * 2**30))]
             if self.dtype:
                 cmd += ["--dtype", self.dtype]
             if self.max_model_len:
@@ -173,7 +176,10 @@ class SimulationServer:
         env = dict(os.environ)
         if self.engine == "vllm" and not self.gpu:
             if self.kv_cache_gib is not None:
-                env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.kv_cache_gib:g}"
+                if float(self.kv_cache_gib).is_integer():
+                    env["VLLM_CPU_KVCACHE_SPACE"] = str(int(self.kv_cache_gib))
+                else:  # the env var would override --kv-cache-memory-bytes (see command())
+                    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
             else:
                 env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         return env

@@ -119,12 +119,15 @@ def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tenso
             [returns[b, :n].tolist() for b, n in enumerate(lengths)], metrics)
 
 
-def validate(ray, actor, samples, step: int) -> dict[str, float]:
-    """Greedy rollouts on the held-out split with useful documents (p_noisy = 0)."""
+def validate(ray, actor, samples, step: int, cfg: Config) -> dict[str, float]:
+    """Greedy rollouts on the held-out split with useful documents (p_noisy = 0).
+
+    `val/reward` is the training reward (`reward_metric` with the `format_score` floor); `val/f1` and
+    `val/em` are the pure answer scores."""
     trajs, m = ray.get(actor.rollout.remote(samples, 0.0, step, True))
-    _, r = score(trajs, "f1")
-    return {"val/f1": r["reward/f1"], "val/em": r["reward/em"], "val/answer_rate": m["rollout/answer_rate"],
-            "val/searches_per_traj": m["rollout/searches_per_traj"]}
+    _, r = score(trajs, cfg.algorithm.reward_metric, cfg.algorithm.format_score)
+    return {"val/reward": r["reward/mean"], "val/f1": r["reward/f1"], "val/em": r["reward/em"],
+            "val/answer_rate": m["rollout/answer_rate"], "val/searches_per_traj": m["rollout/searches_per_traj"]}
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -175,7 +178,7 @@ def train(cfg: Config) -> dict:
         stack.callback(tracker.close)
         t = cfg.trainer
         if start_step == 0 and t.val_before_train and t.test_freq != 0:
-            val = validate(ray, actor, val_samples, 0)
+            val = validate(ray, actor, val_samples, 0, cfg)
             history["val"].append({"step": 0, **val})
             tracker.log(0, val)
             logger.info("validation before training: F1 %.4f EM %.4f", val["val/f1"], val["val/em"])
@@ -190,7 +193,7 @@ def train(cfg: Config) -> dict:
                             if k in ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
             search_before = search_now
             if (t.test_freq > 0 and step % t.test_freq == 0) or (step == t.total_steps and t.test_freq != 0):
-                val = validate(ray, actor, val_samples, step)
+                val = validate(ray, actor, val_samples, step, cfg)
                 history["val"].append({"step": step, **val})
                 metrics.update(val)
             metrics["memory/peak_rss_gib"] = memory.peak_gib

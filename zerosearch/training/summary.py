@@ -21,6 +21,7 @@ def plot_reward_curve(run_dir: Path, rows: list[dict]) -> Path | None:
 
     train = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
     val = [(r["step"], r["val/f1"]) for r in rows if "val/f1" in r]
+    val_reward = [(r["step"], r["val/reward"]) for r in rows if "val/reward" in r]
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -33,8 +34,11 @@ def plot_reward_curve(run_dir: Path, rows: list[dict]) -> Path | None:
     if val:
         steps, f1 = zip(*val)
         ax.plot(steps, f1, "o-", color="#c52", lw=2, label="held-out F1 (greedy)")
+    if val_reward:
+        steps, reward = zip(*val_reward)
+        ax.plot(steps, reward, "s--", color="#e93", lw=1.5, label="held-out reward (greedy)")
     ax.set_xlabel("step")
-    ax.set_ylabel("F1")
+    ax.set_ylabel("reward / F1")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -56,6 +60,8 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
         "heldout_f1_after": after["val/f1"] if after else None,
         "heldout_em_before": before["val/em"] if before else None,
         "heldout_em_after": after["val/em"] if after else None,
+        "heldout_reward_before": before.get("val/reward") if before else None,
+        "heldout_reward_after": after.get("val/reward") if after else None,
         "steps": steps,
         "wall_s": round(wall_s, 1),
         "peak_rss_gib": round(peak_rss_gib, 2),
@@ -64,9 +70,9 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_reward_curve(run_dir, rows)
     lines = ["| held-out (greedy) | before | after |", "|---|---|---|"]
-    for key in ("f1", "em", "answer_rate", "searches_per_traj"):
-        b = f"{before[f'val/{key}']:.4f}" if before else "-"
-        a = f"{after[f'val/{key}']:.4f}" if after else "-"
+    for key in ("reward", "f1", "em", "answer_rate", "searches_per_traj"):
+        b = f"{before[f'val/{key}']:.4f}" if before and f"val/{key}" in before else "-"
+        a = f"{after[f'val/{key}']:.4f}" if after and f"val/{key}" in after else "-"
         lines.append(f"| {key} | {b} | {a} |")
     lines += ["", (f"steps {steps}, wall {wall_s / 60:.1f} min, peak RSS {peak_rss_gib:.2f} GiB, "
               f"simulated queries {int(simulated_queries)}")]
