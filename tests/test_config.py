@@ -164,3 +164,10 @@ def test_launcher_overrides_follow_pairs():
     assert cfg["rollout"]["max_turns"] == 3 and cfg["search"]["topk"] == 2 and cfg["actor"]["lr"] == 2e-6
     bad = run_launcher("train_ppo.sh", "TOPK", "0", "--print-config")
     assert bad.returncode == 2 and "search.topk" in bad.stderr
+
+
+def test_empty_override_sets_an_empty_string_and_is_refused_for_numbers():
+    cfg = load_config("cpu", ["model.autocast_dtype=", "data.prompt_template="])
+    assert cfg.model.autocast_dtype == "" and cfg.data.prompt_template == ""
+    with pytest.raises(ConfigError, match="actor.lr"):
+        load_config("cpu", ["actor.lr="])

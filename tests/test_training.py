@@ -268,3 +268,90 @@ def test_summary_reports_heldout_reward_and_scores_before_and_after(tmp_path):
     table = (tmp_path / "summary.md").read_text()
     assert "| reward | 0.0300 | 0.1500 |" in table and "| f1 | 0.0000 | 0.0800 |" in table
     assert (tmp_path / "reward_curve.png").stat().st_size > 0
+
+
+# --- data parallel ranks with FSDP (Gloo on CPU) ---------------------------------------------------
+
+
+def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
+    """One rank: the real ActorRolloutWorker log-prob and update code on its share of four trajectories."""
+    os.environ["ZEROSEARCH_TORCH_THREADS"] = "1"
+    from zerosearch.training.driver import split
+    from zerosearch.training.workers import ActorRolloutWorker, DistInfo, _lr_lambda, _ModelWorker
+
+    cfg = load_config("cpu", [f"model.path={model_dir}", "model.autocast_dtype=", "model.gradient_checkpointing=false",
+                              "actor.ppo_mini_batch_size=4", "actor.micro_batch_size=8", "actor.micro_batch_tokens=16"])
+    worker = ActorRolloutWorker.__new__(ActorRolloutWorker)  # no rollout engine: only the training side
+    _ModelWorker.__init__(worker, cfg, dist_info=DistInfo(rank, world, "127.0.0.1", port))
+    worker.optimizer = torch.optim.AdamW(worker.net.parameters(), lr=1e-3)
+    worker.scheduler = torch.optim.lr_scheduler.LambdaLR(worker.optimizer, _lr_lambda(0))
+    # rank 0 of two gets the two short ones (one micro-batch), rank 1 the long ones (two micro-batches)
+    trajs = [_traj([11, 12, 13], [21, 22], [1, 1], group=0, uid=0),
+             _traj([11, 12, 13, 14], [31, 32], [1, 1], group=0, uid=1),
+             _traj([11, 12, 13, 14, 15], [41, 42, 43, 44, 45], [1, 1, 0, 0, 1], group=1, uid=2),
+             _traj([16, 17, 18, 19, 20, 21], [51, 52, 53, 54, 55, 56], [1, 1, 1, 1, 1, 1], group=1, uid=3)]
+    advantages = [[1.0] * 2, [-1.0] * 2, [0.5] * 5, [-0.5] * 6]
+    mine = split(4, world)[rank]
+    logprobs = worker.compute_log_probs(trajs[mine])
+    metrics = worker.update(trajs[mine], advantages[mine], None, None, step=1)
+    state = worker.full_state_dict()
+    torch.save({"logprobs": logprobs, "grad_norm": metrics["actor/grad_norm"], "state": state if rank == 0 else None},
+               Path(out_dir) / f"world{world}_rank{rank}.pt")
+    _ModelWorker.close(worker)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_fsdp_ranks_match_one_process(tiny_model_dir, tmp_path):
+    """Two FSDP ranks, each with half the batch and unequal micro-batch counts, compute the same
+    log-probs, gradient norm and updated weights as one process with the whole batch."""
+    import torch.multiprocessing as mp
+
+    for world in (1, 2):
+        mp.start_processes(_fsdp_rank, args=(world, _free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=world,
+                           start_method="spawn")
+    one = torch.load(tmp_path / "world1_rank0.pt", weights_only=False)
+    two = [torch.load(tmp_path / f"world2_rank{r}.pt", weights_only=False) for r in range(2)]
+    flat = [x for rows in two[0]["logprobs"] + two[1]["logprobs"] for x in rows]
+    assert flat == pytest.approx([x for row in one["logprobs"] for x in row], abs=1e-5)
+    assert two[0]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4) == two[1]["grad_norm"]
+    assert one["grad_norm"] > 0
+    for name, value in one["state"].items():
+        torch.testing.assert_close(two[0]["state"][name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_ppo_with_two_fsdp_ranks_per_worker_trains_saves_and_resumes(workspace, tiny_model_dir):
+    """Actor, reference and critic each as two Ray ranks sharded with FSDP: the run trains, writes one
+    HF model and per-rank optimizer state, and resumes only with the same world size."""
+    from transformers import AutoModelForCausalLM
+
+    from zerosearch.training.driver import train
+
+    extra = {"trainer.world_size": 2, "rollout.n": 1, "trainer.total_steps": 2, "trainer.save_freq": 1}
+    cfg = load_config("cpu_ppo", overrides(workspace, tiny_model_dir, "ppo-fsdp", **extra))
+    train(cfg)
+    run_dir = run_dir_for(cfg)
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    assert ckpt.name == "step_2"
+    names = sorted(p.name for p in ckpt.iterdir())
+    for role in ("actor", "critic"):
+        assert f"{role}_state_rank0.pt" in names and f"{role}_state_rank1.pt" in names, names
+    AutoModelForCausalLM.from_pretrained(ckpt / "actor")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    assert all("critic/vf_loss" in r and r["actor/grad_norm"] > 0 for r in steps)
+    assert {len(json.loads(x)["question"]) > 0 for x in (run_dir / "rollouts" / "step_1.jsonl").open()} == {True}
+
+    train(load_config("cpu_ppo", overrides(workspace, tiny_model_dir, "ppo-fsdp", **{**extra, "trainer.total_steps": 3})))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward/mean" in r] == [1, 2, 3]
+    with pytest.raises(Exception, match="world_size"):
+        train(load_config("cpu_ppo", overrides(workspace, tiny_model_dir, "ppo-fsdp",
+                                               **{**extra, "trainer.world_size": 1, "trainer.total_steps": 4})))

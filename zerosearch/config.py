@@ -220,6 +220,9 @@ class TrainerConfig:
     """NUM_GPUS_PER_NODE: GPUs per node (0 = CPU)."""
     nnodes: int = 1
     """Nodes in the Ray cluster."""
+    world_size: int = 0
+    """Data-parallel ranks per worker group (actor, reference, critic); > 1 shards the models with FSDP and
+    gives every actor rank its own rollout engine. 0 = n_gpus_per_node x nnodes on GPU, 1 on CPU."""
     device: str = "auto"
     """`auto` (cuda when available), `cpu` or `cuda`."""
     project_name: str = "zerosearch"
@@ -340,7 +343,8 @@ def load_config(config: str | Path | None = None, overrides: list[str] | None = 
         dotlist = []
         for item in overrides:
             key, value = parse_override(item)
-            dotlist.append(f"{key}={value}")
+            # `key=` means the empty string (OmegaConf would read None, which no str field accepts)
+            dotlist.append(f"{key}={value}" if value.strip() else f"{key}=''")
         layers.append(OmegaConf.from_dotlist(dotlist))
     merged = schema
     for layer in layers:
@@ -413,6 +417,11 @@ def validate(cfg: Config) -> None:
     _check(t.total_steps >= 1, "trainer.total_steps", f"{t.total_steps} < 1; set TOTAL_STEPS")
     _check(t.n_gpus_per_node >= 0 and t.nnodes >= 1, "trainer", "n_gpus_per_node must be >= 0 and nnodes >= 1")
     _one_of(t.device, DEVICES, "trainer.device")
+    _check(t.world_size >= 0, "trainer.world_size", "must be >= 0 (0 = one rank per GPU)")
+    if t.world_size > 1:
+        _check((d.train_batch_size * r.n) % t.world_size == 0, "trainer.world_size",
+               f"data.train_batch_size x rollout.n = {d.train_batch_size * r.n} trajectories must split evenly "
+               f"over {t.world_size} ranks; change the batch size or the world size")
     for name in t.logger:
         _one_of(name, LOGGERS, "trainer.logger")
     _check(t.keep_last >= 1, "trainer.keep_last", "keep at least one checkpoint")

@@ -76,10 +76,91 @@ def start_ray(cfg: Config, stack: ExitStack):
     return ray
 
 
-def remote_worker(ray, cls, cfg: Config, *args):
-    gpus = 1 if torch.cuda.is_available() and cfg.trainer.n_gpus_per_node > 0 else 0
+def world_size(cfg: Config) -> int:
+    """Ranks per worker group: `trainer.world_size`, or one per GPU of the cluster (1 on CPU)."""
+    t = cfg.trainer
+    if t.world_size:
+        return t.world_size
+    if torch.cuda.is_available() and t.n_gpus_per_node > 0:
+        return t.n_gpus_per_node * t.nnodes
+    return 1
+
+
+class WorkerGroup:
+    """The ranks of one worker (actor, reference or critic) behind one handle.
+
+    `call` runs a method on every rank with the same arguments; `scatter` gives rank r the r-th
+    argument tuple; `concat` joins the per-rank lists of a `scatter` in rank order.
+    """
+
+    def __init__(self, ray, handles: list):
+        self.ray, self.handles = ray, handles
+
+    @property
+    def world(self) -> int:
+        return len(self.handles)
+
+    def call(self, method: str, *args) -> list:
+        return self.ray.get([getattr(h, method).remote(*args) for h in self.handles])
+
+    def scatter(self, method: str, per_rank: list[tuple]) -> list:
+        return self.ray.get([getattr(h, method).remote(*args) for h, args in zip(self.handles, per_rank)])
+
+    def concat(self, method: str, per_rank: list[tuple]) -> list:
+        return [item for part in self.scatter(method, per_rank) for item in part]
+
+
+def split(n: int, parts: int) -> list[slice]:
+    """`parts` contiguous slices of range(n), sizes differing by at most one."""
+    bounds = [n * r // parts for r in range(parts + 1)]
+    return [slice(bounds[r], bounds[r + 1]) for r in range(parts)]
+
+
+def _rendezvous_address() -> tuple[str, int]:
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+
+def start_group(ray, cls, cfg: Config, world: int, share: float, placement, *args) -> WorkerGroup:
+    """`world` ranks of `cls`; rank r runs in placement bundle r (its GPU) when there is a placement group.
+
+    `share` is the fraction of a GPU each rank takes: the actor, reference and critic ranks of one bundle
+    share its GPU, as veRL's colocated workers do.
+    """
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from zerosearch.training.workers import DistInfo
+
+    def where(rank: int) -> dict:
+        if placement is None:
+            return {}
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=rank)}
+
+    addr, port = "127.0.0.1", 0
+    if world > 1:  # rank 0's node hosts the process group's store
+        addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous_address).options(**where(0)).remote())
+    gpus = share if placement is not None else 0
     # Fractional CPUs: the workers take turns, and each sets its own torch thread count.
-    return ray.remote(num_cpus=0.1, num_gpus=gpus, max_restarts=0)(cls).remote(cfg, *args)
+    remote_cls = ray.remote(num_cpus=0.1 if placement is None else 0.01, num_gpus=gpus, max_restarts=0)(cls)
+    return WorkerGroup(ray, [remote_cls.options(**where(r)).remote(cfg, *args, DistInfo(r, world, addr, port))
+                             for r in range(world)])
+
+
+def gpu_placement(ray, cfg: Config, world: int, stack: ExitStack):
+    """One bundle (1 GPU) per rank, packed onto as few nodes as possible; None on CPU."""
+    if not (torch.cuda.is_available() and cfg.trainer.n_gpus_per_node > 0):
+        return None
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group([{"GPU": 1, "CPU": 1}] * world, strategy="PACK")
+    ray.get(pg.ready(), timeout=600)
+    stack.callback(remove_placement_group, pg)
+    return pg
 
 
 # --- phases -----------------------------------------------------------------------------------------
@@ -119,12 +200,49 @@ def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tenso
             [returns[b, :n].tolist() for b, n in enumerate(lengths)], metrics)
 
 
+def search_stats(actor: WorkerGroup) -> dict[str, float]:
+    """The search clients' counters, summed over the actor ranks (the peaks: the largest)."""
+    out: dict[str, float] = {}
+    for stats in actor.call("search_stats"):
+        for key, value in stats.items():
+            out[key] = max(out.get(key, 0.0), value) if key.startswith("search/max") else out.get(key, 0.0) + value
+    return out
+
+
+_SUMMED = {"rollout/policy_tokens", "rollout/obs_tokens", "rollout/queries", "rollout/gen_tokens_per_s"}
+
+
+def rollout(actor: WorkerGroup, samples, p_noisy: float, step: int, validate: bool = False):
+    """Each actor rank rolls out its contiguous share of the prompts; group ids stay global."""
+    from zerosearch.rollout.loop import loop_metrics
+
+    parts = [(samples[sl], sl.start) for sl in split(len(samples), actor.world)]
+    busy = [r for r, (part, _) in enumerate(parts) if part]
+    results = actor.ray.get([actor.handles[r].rollout.remote(parts[r][0], p_noisy, step, validate) for r in busy])
+    trajs, per_rank = [], []
+    for r, (part_trajs, metrics) in zip(busy, results):
+        for t in part_trajs:
+            t.group += parts[r][1]
+            t.uid = len(trajs)
+            trajs.append(t)
+        per_rank.append(metrics)
+    if len(per_rank) == 1:
+        return trajs, per_rank[0]
+    merged = {}
+    for key in per_rank[0]:
+        values = [m[key] for m in per_rank]
+        merged[key] = (sum(values) if key in _SUMMED else max(values) if key.endswith("_s") or "/max" in key
+                       else sum(values) / len(values))
+    merged.update(loop_metrics(trajs))
+    return trajs, merged
+
+
 def validate(ray, actor, samples, step: int, cfg: Config) -> dict[str, float]:
     """Greedy rollouts on the held-out split with useful documents (p_noisy = 0).
 
     `val/reward` is the training reward (`reward_metric` with the `format_score` floor); `val/f1` and
     `val/em` are the pure answer scores."""
-    trajs, m = ray.get(actor.rollout.remote(samples, 0.0, step, True))
+    trajs, m = rollout(actor, samples, 0.0, step, validate=True)
     _, r = score(trajs, cfg.algorithm.reward_metric, cfg.algorithm.format_score)
     return {"val/reward": r["reward/mean"], "val/f1": r["reward/f1"], "val/em": r["reward/em"],
             "val/answer_rate": m["rollout/answer_rate"], "val/searches_per_traj": m["rollout/searches_per_traj"]}
@@ -167,12 +285,24 @@ def train(cfg: Config) -> dict:
         from zerosearch.training.workers import ActorRolloutWorker, CriticWorker, ReferenceWorker
 
         resume_arg = str(resume_ckpt) if resume_ckpt else None
-        actor = remote_worker(ray, ActorRolloutWorker, worker_cfg, resume_arg)
+        world = world_size(cfg)
+        if (cfg.data.train_batch_size * cfg.rollout.n) % world:
+            raise ValueError(f"data.train_batch_size x rollout.n = {cfg.data.train_batch_size * cfg.rollout.n} "
+                             f"trajectories do not split evenly over {world} ranks (one per GPU); change the batch size")
+        if state and state.get("world_size", 1) != world:
+            raise ValueError(f"checkpoint {resume_ckpt} was saved by {state.get('world_size', 1)} rank(s) per worker, "
+                             f"this run has {world}: its optimizer state is sharded that way. Resume with "
+                             f"trainer.world_size={state.get('world_size', 1)} (or as many GPUs)")
         need_ref = (cfg.algorithm.use_kl_loss or cfg.algorithm.use_kl_in_reward) and cfg.algorithm.kl_coef > 0
-        ref = remote_worker(ray, ReferenceWorker, worker_cfg) if need_ref else None
-        critic = remote_worker(ray, CriticWorker, worker_cfg, resume_arg) if cfg.algorithm.adv_estimator == "gae" else None
-        info = ray.get(actor.info.remote())
-        logger.info("actor ready on %s (rollout engine started in %.1fs)", info["device"], info["engine_start_s"])
+        need_critic = cfg.algorithm.adv_estimator == "gae"
+        placement = gpu_placement(ray, cfg, world, stack)
+        share = 1.0 / (1 + need_ref + need_critic)
+        actor = start_group(ray, ActorRolloutWorker, worker_cfg, world, share, placement, resume_arg)
+        ref = start_group(ray, ReferenceWorker, worker_cfg, world, share, placement) if need_ref else None
+        critic = start_group(ray, CriticWorker, worker_cfg, world, share, placement, resume_arg) if need_critic else None
+        info = actor.call("info")[0]
+        logger.info("actor ready: %d rank(s) on %s (rollout engine started in %.1fs)", world, info["device"],
+                    info["engine_start_s"])
 
         tracker = Tracker(run_dir, cfg.trainer.logger, _plain(cfg), cfg.trainer.project_name, run_name(cfg), start_step)
         stack.callback(tracker.close)
@@ -183,10 +313,10 @@ def train(cfg: Config) -> dict:
             tracker.log(0, val)
             logger.info("validation before training: F1 %.4f EM %.4f", val["val/f1"], val["val/em"])
         bar = tracker.progress(t.total_steps, start_step)
-        search_before = ray.get(actor.search_stats.remote())
+        search_before = search_stats(actor)
         for step in range(start_step + 1, t.total_steps + 1):
             metrics = train_step(cfg, ray, actor, ref, critic, train_samples, sampler, curriculum, step)
-            search_now = ray.get(actor.search_stats.remote())
+            search_now = search_stats(actor)
             metrics.update({f"{k}_step": search_now.get(k, 0) - search_before.get(k, 0) for k in
                             ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
             metrics.update({f"{k}_total": v for k, v in search_now.items()
@@ -203,8 +333,10 @@ def train(cfg: Config) -> dict:
             if (t.save_freq > 0 and step % t.save_freq == 0) or (step == t.total_steps and t.final_checkpoint):
                 wall_so_far = time.time() - t_start + state.get("wall_s", 0.0)
                 save_checkpoint(ray, cfg, run_dir, actor, critic, sampler, curriculum, step, history, wall_so_far)
-        total_queries = ray.get(actor.search_stats.remote()).get("search/queries", 0.0)
-        ray.get(actor.close.remote())
+        total_queries = search_stats(actor).get("search/queries", 0.0)
+        for group in (actor, ref, critic):
+            if group is not None:
+                group.call("close")
     wall = time.time() - t_start + state.get("wall_s", 0.0)
     from zerosearch.training.summary import write_summary
 
@@ -219,34 +351,40 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
     p_noisy = curriculum.probability()
     batch = [samples[i] for i in sampler.next_batch()]
     with timer("gen"):
-        trajs, metrics = ray.get(actor.rollout.remote(batch, p_noisy, step))
+        trajs, metrics = rollout(actor, batch, p_noisy, step)
     with timer("reward"):
         reward, reward_metrics = score(trajs, cfg.algorithm.reward_metric, cfg.algorithm.format_score)
     if cfg.trainer.dump_rollouts:
         dump_rollouts(run_dir_for(cfg) / "rollouts" / f"step_{step}.jsonl", trajs, reward)
-    trajs_ref = ray.put(trajs)
+    shards = split(len(trajs), actor.world)  # equal shares: config validation makes B divisible
+    parts = [(ray.put(trajs[sl]),) for sl in shards]  # each rank's share, sent once per step
+
+    def per_rank(*lists):  # rank r's share of each per-trajectory list (None stays None)
+        return [tuple(x[sl] if x is not None else None for x in lists) for sl in shards]
+
     a = cfg.actor
     on_policy = a.ppo_epochs == 1 and a.ppo_mini_batch_size >= len(trajs)
     with timer("ref"):
-        ref_lp = ray.get(ref.compute_log_probs.remote(trajs_ref)) if ref is not None else None
+        ref_lp = ref.concat("compute_log_probs", parts) if ref is not None else None
     old_lp = None
     if not on_policy or cfg.algorithm.use_kl_in_reward:
         with timer("old_log_prob"):
-            old_lp = ray.get(actor.compute_log_probs.remote(trajs_ref))
+            old_lp = actor.concat("compute_log_probs", parts)
     values = None
     if critic is not None:
         with timer("values"):
-            values = ray.get(critic.compute_values.remote(trajs_ref))
+            values = critic.concat("compute_values", parts)
     with timer("adv"):
         advantages, returns, adv_metrics = compute_advantages(cfg, trajs, reward, values, ref_lp, old_lp)
     if critic is not None:
         with timer("update_critic"):
-            metrics.update(ray.get(critic.update.remote(trajs_ref, returns, values)))
+            metrics.update(_mean(critic.scatter("update", [p + q for p, q in zip(parts, per_rank(returns, values))])))
     with timer("update_actor"):
-        metrics.update(ray.get(actor.update.remote(trajs_ref, advantages, ref_lp if cfg.algorithm.use_kl_loss else None,
-                                                   old_lp, step)))
+        kl_ref = ref_lp if cfg.algorithm.use_kl_loss else None
+        metrics.update(_mean(actor.scatter("update", [p + q + (step,) for p, q in
+                                                      zip(parts, per_rank(advantages, kl_ref, old_lp))])))
     with timer("sync"):
-        metrics["timing/weight_push_s"] = ray.get(actor.sync_weights.remote())
+        metrics["timing/weight_push_s"] = max(actor.call("sync_weights"))
     curriculum.step = step
     step_s = time.perf_counter() - t0
     metrics.update(reward_metrics)
@@ -256,6 +394,10 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
     metrics.update({"curriculum/p_noisy": p_noisy, "timing/step_s": step_s, "perf/tokens_per_s": tokens / step_s,
                     "perf/sync_share": metrics["timing/sync_s"] / step_s})
     return metrics
+
+
+def _mean(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    return {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
 
 
 def dump_rollouts(path: Path, trajs: list[Trajectory], reward: torch.Tensor) -> None:
@@ -270,10 +412,10 @@ def dump_rollouts(path: Path, trajs: list[Trajectory], reward: torch.Tensor) -> 
 
 def save_checkpoint(ray, cfg, run_dir, actor, critic, sampler, curriculum, step, history, wall_s) -> Path:
     tmp = checkpoint.begin(run_dir, step)
-    ray.get(actor.save.remote(str(tmp)))
+    actor.call("save", str(tmp))
     if critic is not None:
-        ray.get(critic.save.remote(str(tmp)))
-    state = {"step": step, "sampler": sampler.state_dict(), "curriculum": curriculum.state_dict(),
+        critic.call("save", str(tmp))
+    state = {"step": step, "world_size": actor.world, "sampler": sampler.state_dict(), "curriculum": curriculum.state_dict(),
              "history": history, "wall_s": wall_s, "saved_at": datetime.now().isoformat(timespec="seconds")}
     return checkpoint.commit(run_dir, tmp, step, state, cfg.trainer.keep_last)
 

@@ -3,6 +3,13 @@
 Each is a plain class (testable without Ray); the driver wraps it with `ray.remote`. On CPU each
 holds its model in fp32 in one process; on GPU it runs on the GPU Ray assigned it.
 
+With `trainer.world_size` > 1 the driver starts that many ranks of each worker; they form a
+torch.distributed group (NCCL on GPU, Gloo on CPU) and shard their model with FSDP (`fully_shard`
+on every decoder layer and on the root). Each rank works on its share of the batch; every actor rank
+has its own rollout engine and receives the full weights after each update. FSDP's collectives need
+every rank to run the same number of forward passes, so a rank with fewer micro-batches than the
+others repeats one with zero weight.
+
 Log-probs are computed only where they are needed: the hidden states at the positions that
 predict loss-carrying tokens go through the 49k-vocabulary head, never the whole sequence.
 """
@@ -65,53 +72,132 @@ def load_causal_lm(path: str, dtype: str, device: torch.device, gradient_checkpo
     return model
 
 
-def hidden_at_predict_positions(model, batch: Batch, select: torch.Tensor, device,
-                                autocast: torch.dtype | None = None) -> tuple[torch.Tensor, tuple]:
-    """Hidden states [N, H] at the positions predicting the selected response tokens.
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    """Where one rank of a worker group sits: `rank` of `world`, rendezvous at `addr:port`."""
 
-    With `autocast` the transformer runs in that dtype (fp32 master weights and optimizer stay as
-    they are); the hidden states come back in fp32 for the vocabulary head.
-    """
-    with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-        out = model.base_model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
-    hidden = out.last_hidden_state  # [B, L, H]
+    rank: int = 0
+    world: int = 1
+    addr: str = "127.0.0.1"
+    port: int = 0
+
+
+def init_distributed(info: DistInfo, device: torch.device) -> None:
+    """Join the worker group's process group (before the rollout engine, which then reuses it)."""
+    import torch.distributed as dist
+
+    if info.world <= 1 or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{info.addr}:{info.port}", rank=info.rank,
+                            world_size=info.world)
+
+
+def shard_fsdp(net: torch.nn.Module, lm, device: torch.device) -> None:
+    """FSDP2: every decoder layer its own unit, the rest (embeddings, tied head, norm) in the root."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in getattr(lm.base_model, "layers", []):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP-sharded (DTensor) parameter; a plain tensor as it is. Collective."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+class _Selected(torch.nn.Module):
+    """The causal LM's transformer as one module whose forward returns the hidden states [N, H] at the
+    positions predicting selected response tokens. Being the FSDP root, its forward also gathers the
+    embeddings and the tied vocabulary head, so gradients through them are reduced like the rest."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def hidden(self, input_ids, attention_mask, b_idx, pos, autocast: torch.dtype | None) -> torch.Tensor:
+        with torch.autocast(input_ids.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state[b_idx, pos].float()  # [N, H]
+
+
+class TokenLogProbs(_Selected):
+    """forward -> (log-probs [N], entropies [N] or None) of the target tokens.
+
+    The vocabulary head always runs in fp32, so log-probs keep full precision under autocast; only
+    the N selected positions ever produce logits."""
+
+    def forward(self, input_ids, attention_mask, b_idx, pos, targets, with_entropy: bool = False,
+                autocast: torch.dtype | None = None):
+        h = self.hidden(input_ids, attention_mask, b_idx, pos, autocast)  # [N, H]
+        head = self.lm.get_output_embeddings()
+        logits = torch.nn.functional.linear(h, head.weight.float(), None if head.bias is None else head.bias.float())  # [N, V]
+        lse = torch.logsumexp(logits, dim=-1)  # [N]
+        lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [N]
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                probs = torch.softmax(logits.detach(), dim=-1)  # [N, V]
+                entropy = lse.detach() - (probs * logits.detach()).sum(-1)  # [N]
+        return lp, entropy
+
+
+class TokenValues(_Selected):
+    """PPO's value model: the policy's transformer with a scalar head; forward -> values [N]."""
+
+    def __init__(self, lm):
+        super().__init__(lm)
+        self.value_head = torch.nn.Linear(lm.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, b_idx, pos, autocast: torch.dtype | None = None):
+        return self.value_head(self.hidden(input_ids, attention_mask, b_idx, pos, autocast)).squeeze(-1)  # [N]
+
+
+def _selected(batch: Batch, select: torch.Tensor, device) -> tuple:
     b_idx, r_idx = select.nonzero(as_tuple=True)  # [N], [N]
     pos = batch.predict_positions[b_idx, r_idx]  # [N]
-    return hidden[b_idx.to(device), pos.to(device)].float(), (b_idx, r_idx)
+    args = (batch.input_ids.to(device), batch.attention_mask.to(device), b_idx.to(device), pos.to(device))
+    return args, (b_idx.to(device), r_idx.to(device))
 
 
-def token_logprobs(model, batch: Batch, select: torch.Tensor, device, with_entropy: bool = False,
+def _to_grid(values: torch.Tensor, where: tuple, shape, device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=torch.float32, device=device).index_put(where, values.float())  # [B, R]
+
+
+def token_logprobs(net, batch: Batch, select: torch.Tensor, device, with_entropy: bool = False,
                    autocast: torch.dtype | None = None):
     """Log-probs (and entropies) of the selected response tokens, on the [B, R] grid (0 elsewhere).
 
-    The vocabulary head always runs in fp32, so log-probs keep full precision under autocast.
-    """
-    h, (b_idx, r_idx) = hidden_at_predict_positions(model, batch, select, device, autocast)  # [N, H]
-    head = model.get_output_embeddings()
-    logits = torch.nn.functional.linear(h, head.weight.float(), None if head.bias is None else head.bias.float())  # [N, V]
-    lse = torch.logsumexp(logits, dim=-1)  # [N]
-    targets = batch.response_ids[b_idx, r_idx].to(device)  # [N]
-    lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [N]
-    grid = torch.zeros(select.shape, dtype=torch.float32, device=device)
-    grid = grid.index_put((b_idx.to(device), r_idx.to(device)), lp)  # [B, R]
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(logits.detach(), dim=-1)  # [N, V]
-            ent = lse.detach() - (probs * logits.detach()).sum(-1)  # [N]
-        entropy = torch.zeros(select.shape, device=device).index_put((b_idx.to(device), r_idx.to(device)), ent)
-    return grid, entropy
+    `net`: a TokenLogProbs, or a plain causal LM (wrapped here)."""
+    if not isinstance(net, TokenLogProbs):
+        net = TokenLogProbs(net)
+    args, where = _selected(batch, select, device)
+    targets = batch.response_ids[where[0].cpu(), where[1].cpu()].to(device)  # [N]
+    lp, ent = net(*args, targets, with_entropy=with_entropy, autocast=autocast)
+    entropy = _to_grid(ent, where, select.shape, device) if ent is not None else None
+    return _to_grid(lp, where, select.shape, device), entropy
 
 
 class _ModelWorker:
     """Shared by the actor and the reference: a causal LM and batched log-prob computation."""
 
-    def __init__(self, cfg: Config, model_path: str | None = None):
+    def __init__(self, cfg: Config, model_path: str | None = None, dist_info: DistInfo | None = None):
         _setup_threads()
         self.cfg = cfg
         self.device = pick_device(cfg)
+        self.dist = dist_info or DistInfo()
+        init_distributed(self.dist, self.device)
         self.path = resolve_model_path(model_path or cfg.model.path)
         self.model = load_causal_lm(self.path, cfg.model.dtype, self.device, cfg.model.gradient_checkpointing)
+        self.net = self._build_net().to(self.device)
+        if self.dist.world > 1:
+            shard_fsdp(self.net, self.model, self.device)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
@@ -123,31 +209,107 @@ class _ModelWorker:
         a = self.cfg.actor
         return micro_batches(lengths, a.micro_batch_tokens, a.micro_batch_size)
 
+    def _build_net(self) -> _Selected:
+        return TokenLogProbs(self.model)
+
+    def _rounds(self, n: int, op: str = "max") -> int:
+        """`n` agreed over the group: the largest (or the sum) of every rank's `n`. Collective."""
+        if self.dist.world <= 1:
+            return n
+        import torch.distributed as dist
+
+        t = torch.tensor([n], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        return int(t.item())
+
+    def _plan(self, trajs: list[Trajectory]) -> list[list[int] | None]:
+        """Micro-batches, padded with `None` (repeat one with zero weight) up to the group's most."""
+        plan: list[list[int] | None] = list(self._micro(trajs))
+        return plan + [None] * (self._rounds(len(plan)) - len(plan))
+
     @torch.no_grad()
     def per_token(self, trajs: list[Trajectory], fn) -> list[list[float]]:
         """`fn(batch) -> [B, R]` over length-sorted micro-batches, cut back to one list per trajectory."""
-        self.model.eval()
+        self.net.eval()
         out: list[list[float]] = [[] for _ in trajs]
-        for idx in self._micro(trajs):
+        plan = self._plan(trajs)
+        for idx in plan:
+            real = idx is not None
+            idx = idx if real else plan[0][:1]
             batch = collate([trajs[i] for i in idx], self.pad_id, self.cfg.algorithm.mask_retrieved_tokens)
             grid = fn(batch)  # [B, R]
-            for row, i in enumerate(idx):
-                out[i] = grid[row, : len(trajs[i].response_ids)].cpu().tolist()
+            if real:
+                for row, i in enumerate(idx):
+                    out[i] = grid[row, : len(trajs[i].response_ids)].cpu().tolist()
         release_memory()
         return out
 
     def compute_log_probs(self, trajs: list[Trajectory]) -> list[list[float]]:
         """Per-response-token log-probs (0 where the loss mask is 0), one list per trajectory."""
         return self.per_token(trajs, lambda batch: token_logprobs(
-            self.model, batch, batch.loss_mask.bool(), self.device, autocast=self.autocast)[0])
+            self.net, batch, batch.loss_mask.bool(), self.device, autocast=self.autocast)[0])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The HF model's whole state dict (gathered from the shards under FSDP). Collective."""
+        return {name: full_tensor(t).detach() for name, t in self.model.state_dict().items()}
+
+    def _save_model(self, directory: Path) -> None:
+        state = self.full_state_dict()
+        if self.dist.rank == 0:
+            self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        if self.dist.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class ReferenceWorker(_ModelWorker):
     """The frozen reference policy for the KL term."""
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
+    def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
+        super().__init__(cfg, dist_info=dist_info)
         self.model.requires_grad_(False)
+
+
+def state_file(role: str, info: DistInfo) -> str:
+    """`actor_state.pt` for one rank; `actor_state_rank{r}.pt` for each rank of a sharded group."""
+    return f"{role}_state.pt" if info.world <= 1 else f"{role}_state_rank{info.rank}.pt"
+
+
+def load_rank_state(ckpt: Path, role: str, info: DistInfo) -> dict:
+    path = ckpt / state_file(role, info)
+    if not path.is_file():
+        saved = sorted(p.name for p in ckpt.glob(f"{role}_state*.pt"))
+        raise FileNotFoundError(
+            f"{path} is missing: this run has {info.world} rank(s) per worker group, the checkpoint has {saved}. "
+            "Resume with the trainer.world_size (and GPU count) the checkpoint was saved with.")
+    return torch.load(path, weights_only=False)
+
+
+def optimizer_state_to_local(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state dict with each rank's FSDP shards as plain tensors (torch.save-able)."""
+    state = optimizer.state_dict()
+    for per_param in state["state"].values():
+        for key, value in per_param.items():
+            if hasattr(value, "to_local"):
+                per_param[key] = value.to_local()
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Inverse of `optimizer_state_to_local`: local shards become DTensors like their parameters again."""
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not hasattr(p, "device_mesh"):
+                continue
+            from torch.distributed.tensor import DTensor
+
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and not isinstance(value, DTensor):
+                    optimizer.state[p][key] = DTensor.from_local(value, p.device_mesh, p.placements)
 
 
 def _lr_lambda(warmup: int):
@@ -157,10 +319,10 @@ def _lr_lambda(warmup: int):
 class ActorRolloutWorker(_ModelWorker):
     """The policy being trained, with the colocated rollout engine that receives its weights."""
 
-    def __init__(self, cfg: Config, resume_dir: str | None = None):
-        super().__init__(cfg, model_path=str(Path(resume_dir) / "actor") if resume_dir else None)
+    def __init__(self, cfg: Config, resume_dir: str | None = None, dist_info: DistInfo | None = None):
+        super().__init__(cfg, model_path=str(Path(resume_dir) / "actor") if resume_dir else None, dist_info=dist_info)
         a = cfg.actor
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=a.lr, weight_decay=a.weight_decay,
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=a.lr, weight_decay=a.weight_decay,
                                            betas=(0.9, 0.999))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(a.lr_warmup_steps))
         if resume_dir:
@@ -191,7 +353,7 @@ class ActorRolloutWorker(_ModelWorker):
     def sync_weights(self) -> float:
         """Push the trained weights into the rollout engine in place; returns seconds."""
         t0 = time.perf_counter()
-        self.engine.load_weights((name, p.detach()) for name, p in self.model.named_parameters())
+        self.engine.load_weights((name, full_tensor(p).detach()) for name, p in self.model.named_parameters())
         return time.perf_counter() - t0
 
     # --- update ----------------------------------------------------------------------------
@@ -200,9 +362,10 @@ class ActorRolloutWorker(_ModelWorker):
                old_logprobs: list[list[float]] | None, step: int) -> dict[str, float]:
         """PPO-clip epochs over mini-batches; gradient accumulation over length-sorted micro-batches."""
         cfg, a = self.cfg, self.cfg.actor
-        self.model.train()
-        B = len(trajs)
-        mini = min(a.ppo_mini_batch_size, B)
+        self.net.train()
+        B, world = len(trajs), self.dist.world
+        # each rank takes its share of every mini-batch; FSDP averages the gradients over the ranks
+        mini = min(max(a.ppo_mini_batch_size // world, 1), B)
         gen = torch.Generator().manual_seed(cfg.trainer.seed + step)
         sums: dict[str, float] = {}
         count = 0
@@ -213,15 +376,18 @@ class ActorRolloutWorker(_ModelWorker):
             for start in range(0, B, mini):
                 sub = order[start: start + mini]
                 sub_trajs = [trajs[i] for i in sub]
-                tokens = sum(sum(t.loss_mask) if cfg.algorithm.mask_retrieved_tokens else len(t.response_ids)
-                             for t in sub_trajs)
+                tokens = self._rounds(sum(sum(t.loss_mask) if cfg.algorithm.mask_retrieved_tokens
+                                          else len(t.response_ids) for t in sub_trajs), "sum")
+                sequences = self._rounds(len(sub), "sum")
                 self.optimizer.zero_grad(set_to_none=True)
-                for idx in self._micro(sub_trajs):
-                    members = [sub[i] for i in idx]
+                plan = self._plan(sub_trajs)
+                for idx in plan:
+                    real = idx is not None
+                    members = [sub[i] for i in (idx if real else plan[0][:1])]
                     batch = collate([trajs[i] for i in members], self.pad_id, cfg.algorithm.mask_retrieved_tokens)
                     R = batch.response_ids.shape[1]
                     t0 = time.perf_counter()
-                    lp, ent = token_logprobs(self.model, batch, batch.loss_mask.bool(), self.device, with_entropy=True,
+                    lp, ent = token_logprobs(self.net, batch, batch.loss_mask.bool(), self.device, with_entropy=True,
                                              autocast=self.autocast)
                     adv = pad_to_grid([advantages[i] for i in members], R).to(self.device)
                     old = pad_to_grid([old_logprobs[i] for i in members], R).to(self.device) if old_logprobs else lp.detach()
@@ -236,19 +402,23 @@ class ActorRolloutWorker(_ModelWorker):
                     entropy = agg_loss(ent, mask, a.loss_agg_mode)
                     if a.entropy_coeff:
                         loss = loss - a.entropy_coeff * entropy
-                    if a.loss_agg_mode == "token-mean":
-                        weight = float(mask.sum()) / max(tokens, 1)
+                    if not real:  # a repeat that keeps FSDP's collectives in step with the other ranks
+                        weight = 0.0
+                    elif a.loss_agg_mode == "token-mean":
+                        weight = float(mask.sum()) / max(tokens, 1) * world
                     else:
-                        weight = len(members) / len(sub)
+                        weight = len(members) / sequences * world
                     t1 = time.perf_counter()
                     (loss * weight).backward()
                     t_fwd += t1 - t0
                     t_bwd += time.perf_counter() - t1
+                    if not real:
+                        continue
                     m["entropy"] = float(entropy)
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     count += 1
-                grad_norms.append(float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)))
+                grad_norms.append(float(full_tensor(torch.nn.utils.clip_grad_norm_(self.net.parameters(), a.grad_clip))))
                 self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # no gradients held through the next rollout
         self.scheduler.step()
@@ -262,14 +432,16 @@ class ActorRolloutWorker(_ModelWorker):
 
     def save(self, ckpt_dir: str) -> None:
         ckpt = Path(ckpt_dir)
-        self.model.save_pretrained(ckpt / "actor", safe_serialization=True)
-        self.tokenizer.save_pretrained(ckpt / "actor")
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "torch_rng": torch.get_rng_state()}, ckpt / "actor_state.pt")
+        self._save_model(ckpt / "actor")
+        if self.dist.rank == 0:
+            self.tokenizer.save_pretrained(ckpt / "actor")
+        torch.save({"optimizer": optimizer_state_to_local(self.optimizer), "scheduler": self.scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "world": self.dist.world},
+                   ckpt / state_file("actor", self.dist))
 
     def _load_state(self, ckpt: Path) -> None:
-        state = torch.load(ckpt / "actor_state.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = load_rank_state(ckpt, "actor", self.dist)
+        load_optimizer_state(self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
 
@@ -278,45 +450,52 @@ class ActorRolloutWorker(_ModelWorker):
 
     def close(self) -> None:
         self._stack.close()
+        super().close()
 
 
 class CriticWorker(_ModelWorker):
     """PPO's value model: the policy's transformer with a scalar head, values on the [B, R] grid."""
 
-    def __init__(self, cfg: Config, resume_dir: str | None = None):
+    def __init__(self, cfg: Config, resume_dir: str | None = None, dist_info: DistInfo | None = None):
         path = str(Path(resume_dir) / "critic") if resume_dir else (cfg.critic.model_path or None)
-        super().__init__(cfg, model_path=path)
-        hidden = self.model.config.hidden_size
-        self.value_head = torch.nn.Linear(hidden, 1).to(self.device)
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
-        params = list(self.model.base_model.parameters()) + list(self.value_head.parameters())
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.critic.lr, weight_decay=cfg.actor.weight_decay)
+        self._head_state = None
+        if resume_dir:  # the value head is restored before FSDP shards it
+            self._head_state = torch.load(Path(resume_dir) / "critic_value_head.pt", weights_only=False)
+        super().__init__(cfg, model_path=path, dist_info=dist_info)
+        # an untied vocabulary head gets no gradient here, and AdamW skips it
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.critic.lr, weight_decay=cfg.actor.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.critic.lr_warmup_steps))
         if resume_dir:
-            state = torch.load(Path(resume_dir) / "critic_state.pt", weights_only=False)
-            self.value_head.load_state_dict(state["value_head"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            state = load_rank_state(Path(resume_dir), "critic", self.dist)
+            load_optimizer_state(self.optimizer, state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+
+    def _build_net(self):
+        net = TokenValues(self.model)
+        if getattr(self, "_head_state", None) is not None:
+            net.value_head.load_state_dict(self._head_state)
+        return net
 
     def _values(self, batch: Batch) -> torch.Tensor:
         select = batch.loss_mask.bool()
-        h, (b_idx, r_idx) = hidden_at_predict_positions(self.model, batch, select, self.device, self.autocast)
-        v = self.value_head(h).squeeze(-1)  # [N]
-        return torch.zeros(select.shape, device=self.device).index_put((b_idx.to(self.device), r_idx.to(self.device)), v)
+        args, where = _selected(batch, select, self.device)
+        return _to_grid(self.net(*args, autocast=self.autocast), where, select.shape, self.device)
 
     def compute_values(self, trajs: list[Trajectory]) -> list[list[float]]:
         return self.per_token(trajs, self._values)
 
     def update(self, trajs: list[Trajectory], returns: list[list[float]], old_values: list[list[float]]) -> dict:
-        self.model.train()
+        self.net.train()
         a = self.cfg.actor
-        tokens = sum(sum(t.loss_mask) for t in trajs)
+        tokens = self._rounds(sum(sum(t.loss_mask) for t in trajs), "sum")
         sums: dict[str, float] = {}
         count = 0
         for _ in range(a.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            for idx in self._micro(trajs):
+            plan = self._plan(trajs)
+            for idx in plan:
+                real = idx is not None
+                idx = idx if real else plan[0][:1]
                 batch = collate([trajs[i] for i in idx], self.pad_id, self.cfg.algorithm.mask_retrieved_tokens)
                 R = batch.response_ids.shape[1]
                 v = self._values(batch)
@@ -324,11 +503,14 @@ class CriticWorker(_ModelWorker):
                 old = pad_to_grid([old_values[i] for i in idx], R).to(self.device)
                 mask = batch.loss_mask.to(self.device)
                 loss, m = value_loss(v, old, ret, mask, clip_range=self.cfg.critic.cliprange_value)
-                (loss * float(mask.sum()) / max(tokens, 1)).backward()
+                weight = float(mask.sum()) / max(tokens, 1) * self.dist.world if real else 0.0
+                (loss * weight).backward()
+                if not real:
+                    continue
                 for k, val in m.items():
                     sums[k] = sums.get(k, 0.0) + float(val)
                 count += 1
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), a.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), a.grad_clip)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -337,6 +519,9 @@ class CriticWorker(_ModelWorker):
 
     def save(self, ckpt_dir: str) -> None:
         ckpt = Path(ckpt_dir)
-        self.model.save_pretrained(ckpt / "critic", safe_serialization=True)
-        torch.save({"value_head": self.value_head.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, ckpt / "critic_state.pt")
+        self._save_model(ckpt / "critic")
+        head = {k: full_tensor(v).detach() for k, v in self.net.value_head.state_dict().items()}
+        if self.dist.rank == 0:
+            torch.save(head, ckpt / "critic_value_head.pt")
+        torch.save({"optimizer": optimizer_state_to_local(self.optimizer), "scheduler": self.scheduler.state_dict(),
+                    "world": self.dist.world}, ckpt / state_file("critic", self.dist))
