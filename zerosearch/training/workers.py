@@ -290,11 +290,10 @@ def load_rank_state(ckpt: Path, role: str, info: DistInfo) -> dict:
 
 def optimizer_state_to_local(optimizer: torch.optim.Optimizer) -> dict:
     """The optimizer's state dict with each rank's FSDP shards as plain tensors (torch.save-able)."""
-    state = optimizer.state_dict()
-    for per_param in state["state"].values():
-        for key, value in per_param.items():
-            if hasattr(value, "to_local"):
-                per_param[key] = value.to_local()
+    state = optimizer.state_dict()  # its per-parameter dicts are the optimizer's own: build new ones
+    state["state"] = {index: {key: value.to_local() if hasattr(value, "to_local") else value
+                              for key, value in per_param.items()}
+                      for index, per_param in state["state"].items()}
     return state
 
 
@@ -309,7 +308,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
 
             for key, value in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(value) and value.dim() > 0 and not isinstance(value, DTensor):
-                    optimizer.state[p][key] = DTensor.from_local(value, p.device_mesh, p.placements)
+                    # shape and stride given: a dimension smaller than the world is sharded unevenly
+                    optimizer.state[p][key] = DTensor.from_local(value, p.device_mesh, p.placements,
+                                                                 shape=p.shape, stride=p.stride())
 
 
 def _lr_lambda(warmup: int):
@@ -522,6 +523,7 @@ class CriticWorker(_ModelWorker):
         self._save_model(ckpt / "critic")
         head = {k: full_tensor(v).detach() for k, v in self.net.value_head.state_dict().items()}
         if self.dist.rank == 0:
+            self.tokenizer.save_pretrained(ckpt / "critic")  # a resumed critic loads from this folder
             torch.save(head, ckpt / "critic_value_head.pt")
         torch.save({"optimizer": optimizer_state_to_local(self.optimizer), "scheduler": self.scheduler.state_dict(),
                     "world": self.dist.world}, ckpt / state_file("critic", self.dist))
