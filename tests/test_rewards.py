@@ -145,3 +145,14 @@ def test_upstream_bug_missing_answer_not_scored_as_prompt_example():
     assert result["score"] == 0.0
     assert result["f1"] == 0.0 and result["em"] == 0.0
     assert result["has_answer"] is False and result["answer"] is None
+
+
+def test_retrieval_hit_looks_only_inside_information_blocks():
+    from zerosearch.rewards import retrieval_hit
+
+    text = ("<search> q </search>\n\n<information>Doc 1: The Eiffel Tower was finished in 1889.</information>\n\n"
+            "<answer> Paris </answer>")
+    assert retrieval_hit(text, ["1889"]) and retrieval_hit(text, ["the EIFFEL tower"])
+    assert not retrieval_hit(text, ["Paris"])  # only in the answer, not in a retrieved document
+    assert not retrieval_hit(text, ["188"])  # whole words only
+    assert not retrieval_hit("<answer> 1889 </answer>", ["1889"])

@@ -375,3 +375,21 @@ def test_ppo_with_two_fsdp_ranks_per_worker_trains_saves_and_resumes(workspace, 
     assert checkpoint.load_trainer_state(checkpoint.latest_checkpoint(run_dir))["world_size"] == 2
     with pytest.raises(ValueError, match="trainer.world_size=2"):
         train(load_config("cpu_ppo", overrides(workspace, tiny_model_dir, "ppo-fsdp", **{**extra, "trainer.world_size": 1})))
+
+
+def test_reward_floors_for_an_answer_and_for_a_retrieved_gold_answer():
+    from zerosearch.training.driver import score
+
+    def traj(text):
+        t = _traj([1], [2], [1])
+        t.golden_answers, t.response_text = ["Paris"], text
+        t.answer = text.split("<answer>")[1].split("</answer>")[0].strip() if "<answer>" in text else None
+        return t
+
+    info = "<information>Doc 1: Paris is the capital of France.</information>"
+    trajs = [traj("<answer> Paris </answer>"), traj("<answer> Lyon </answer>"), traj(info + "<answer> Lyon </answer>"),
+             traj(info), traj("nothing")]
+    reward, m = score(trajs, "f1", format_score=0.1, retrieval_score=0.1)
+    assert reward.tolist() == pytest.approx([1.0, 0.1, 0.2, 0.1, 0.0])
+    assert m["reward/retrieval_hit"] == pytest.approx(2 / 5) and m["reward/f1"] == pytest.approx(1 / 5)
+    assert score(trajs, "f1")[0].tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0, 0.0])  # ZeroSearch: pure F1

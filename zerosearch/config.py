@@ -150,6 +150,9 @@ class AlgorithmConfig:
     format_score: float = 0.0
     """Reward floor for a response with a complete `<answer>` block that scores lower (Search-R1's
     `format_score`; 0 = pure F1/EM as ZeroSearch). Logged metrics stay pure F1/EM."""
+    retrieval_score: float = 0.0
+    """Search-R1's retrieval score: added to the format floor when a gold answer appears in a retrieved
+    `<information>` block (0 = off, as ZeroSearch). Rewards searches that find the answer."""
     use_kl_loss: bool = True
     """Add `kl_coef * KL(policy || reference)` to the actor loss (grpo, reinforce)."""
     use_kl_in_reward: bool = False
@@ -407,6 +410,8 @@ def validate(cfg: Config) -> None:
     _one_of(a.kl_type, KL_TYPES, "algorithm.kl_type")
     _one_of(a.reward_metric, REWARD_METRICS, "algorithm.reward_metric")
     _check(0.0 <= a.format_score < 1.0, "algorithm.format_score", "must be in [0, 1)")
+    _check(0.0 <= a.retrieval_score and a.format_score + a.retrieval_score < 1.0, "algorithm.retrieval_score",
+           "must be >= 0, and format_score + retrieval_score < 1 (a correct answer must pay most)")
     _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0 (it is a penalty toward the reference policy)")
     _check(0 < act.lr < 1, "actor.lr", f"{act.lr} is not a usable learning rate; upstream uses 1e-6")
     _check(act.ppo_epochs >= 1 and act.ppo_mini_batch_size >= 1 and act.micro_batch_size >= 1, "actor",

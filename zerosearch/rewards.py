@@ -96,6 +96,20 @@ def compute_score(
     }
 
 
+_INFORMATION = re.compile(r"<information>(.*?)</information>", re.DOTALL)
+
+
+def retrieval_hit(response_text: str, golden_answers: str | Sequence[str]) -> bool:
+    """Whether a gold answer appears (normalised) in any ``<information>`` block of the response:
+    Search-R1's ``is_retrieval_correct``, for its ``retrieval_score`` and as a simulator metric."""
+    golds = [normalize_answer(g) for g in _as_list(golden_answers)]
+    for block in _INFORMATION.findall(response_text):
+        text = f" {normalize_answer(block)} "
+        if any(g and f" {g} " in text for g in golds):
+            return True
+    return False
+
+
 def _as_list(golden_answers: str | Sequence[str]) -> list[str]:
     """Gold answers as a non-empty list of strings (a bare string is one answer; numbers become text)."""
     golds = [golden_answers] if isinstance(golden_answers, str) else list(golden_answers)

@@ -166,16 +166,22 @@ def gpu_placement(ray, cfg: Config, world: int, stack: ExitStack):
 # --- phases -----------------------------------------------------------------------------------------
 
 
-def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """The reward of each trajectory (F1 or EM of its answer, floored at `format_score` when it answered)."""
+def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0,
+          retrieval_score: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The reward of each trajectory: F1 or EM of its answer, floored at `format_score` when it answered
+    plus `retrieval_score` when a retrieved document held a gold answer (Search-R1's shaping)."""
+    from zerosearch.rewards import retrieval_hit
+
     scores = [t.score() for t in trajs]
-    reward = torch.tensor([max(s[metric], format_score) if t.answer is not None else s[metric]
-                           for s, t in zip(scores, trajs)], dtype=torch.float32)  # [B]
+    hits = [retrieval_hit(t.response_text, t.golden_answers) for t in trajs]
+    reward = torch.tensor([max(s[metric], format_score * (t.answer is not None) + retrieval_score * hit)
+                           for s, t, hit in zip(scores, trajs, hits)], dtype=torch.float32)  # [B]
     n = max(len(trajs), 1)
     return reward, {
         "reward/mean": float(reward.mean()) if len(trajs) else 0.0,
         "reward/f1": sum(s["f1"] for s in scores) / n,
         "reward/em": sum(s["em"] for s in scores) / n,
+        "reward/retrieval_hit": sum(hits) / n,
     }
 
 
@@ -243,8 +249,10 @@ def validate(ray, actor, samples, step: int, cfg: Config) -> dict[str, float]:
     `val/reward` is the training reward (`reward_metric` with the `format_score` floor); `val/f1` and
     `val/em` are the pure answer scores."""
     trajs, m = rollout(actor, samples, 0.0, step, validate=True)
-    _, r = score(trajs, cfg.algorithm.reward_metric, cfg.algorithm.format_score)
+    a = cfg.algorithm
+    _, r = score(trajs, a.reward_metric, a.format_score, a.retrieval_score)
     return {"val/reward": r["reward/mean"], "val/f1": r["reward/f1"], "val/em": r["reward/em"],
+            "val/retrieval_hit": r["reward/retrieval_hit"],
             "val/answer_rate": m["rollout/answer_rate"], "val/searches_per_traj": m["rollout/searches_per_traj"]}
 
 
@@ -353,7 +361,8 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
     with timer("gen"):
         trajs, metrics = rollout(actor, batch, p_noisy, step)
     with timer("reward"):
-        reward, reward_metrics = score(trajs, cfg.algorithm.reward_metric, cfg.algorithm.format_score)
+        a = cfg.algorithm
+        reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score)
     if cfg.trainer.dump_rollouts:
         dump_rollouts(run_dir_for(cfg) / "rollouts" / f"step_{step}.jsonl", trajs, reward)
     shards = split(len(trajs), actor.world)  # equal shares: config validation makes B divisible
