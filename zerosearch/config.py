@@ -423,10 +423,6 @@ def validate(cfg: Config) -> None:
     _check(t.n_gpus_per_node >= 0 and t.nnodes >= 1, "trainer", "n_gpus_per_node must be >= 0 and nnodes >= 1")
     _one_of(t.device, DEVICES, "trainer.device")
     _check(t.world_size >= 0, "trainer.world_size", "must be >= 0 (0 = one rank per GPU)")
-    if t.world_size > 1:
-        _check((d.train_batch_size * r.n) % t.world_size == 0, "trainer.world_size",
-               f"data.train_batch_size x rollout.n = {d.train_batch_size * r.n} trajectories must split evenly "
-               f"over {t.world_size} ranks; change the batch size or the world size")
     for name in t.logger:
         _one_of(name, LOGGERS, "trainer.logger")
     _check(t.keep_last >= 1, "trainer.keep_last", "keep at least one checkpoint")

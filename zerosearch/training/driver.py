@@ -243,7 +243,7 @@ def rollout(actor: WorkerGroup, samples, p_noisy: float, step: int, validate: bo
     return trajs, merged
 
 
-def validate(ray, actor, samples, step: int, cfg: Config) -> dict[str, float]:
+def validate(actor: WorkerGroup, samples, step: int, cfg: Config) -> dict[str, float]:
     """Greedy rollouts on the held-out split with useful documents (p_noisy = 0).
 
     `val/reward` is the training reward (`reward_metric` with the `format_score` floor); `val/f1` and
@@ -270,6 +270,15 @@ def train(cfg: Config) -> dict:
         if not (resume_ckpt / "trainer_state.json").is_file():
             raise FileNotFoundError(f"trainer.resume={resume_ckpt} is not a checkpoint (no trainer_state.json)")
     state = checkpoint.load_trainer_state(resume_ckpt) if resume_ckpt else {}
+    world = world_size(cfg)  # checked before anything starts
+    if (cfg.data.train_batch_size * cfg.rollout.n) % world:
+        raise ValueError(f"data.train_batch_size x rollout.n = {cfg.data.train_batch_size * cfg.rollout.n} "
+                         f"trajectories do not split evenly over {world} ranks (trainer.world_size, or one per "
+                         "GPU); change the batch size or the world size")
+    if state and state.get("world_size", 1) != world:
+        raise ValueError(f"checkpoint {resume_ckpt} was saved by {state.get('world_size', 1)} rank(s) per worker, "
+                         f"this run has {world}: its optimizer state is sharded that way. Resume with "
+                         f"trainer.world_size={state.get('world_size', 1)} (or as many GPUs)")
     start_step = state.get("step", 0)
     save_config(cfg, run_dir)
     logger.info("run directory %s%s", run_dir, f" (resuming from {resume_ckpt})" if resume_ckpt else "")
@@ -293,14 +302,6 @@ def train(cfg: Config) -> dict:
         from zerosearch.training.workers import ActorRolloutWorker, CriticWorker, ReferenceWorker
 
         resume_arg = str(resume_ckpt) if resume_ckpt else None
-        world = world_size(cfg)
-        if (cfg.data.train_batch_size * cfg.rollout.n) % world:
-            raise ValueError(f"data.train_batch_size x rollout.n = {cfg.data.train_batch_size * cfg.rollout.n} "
-                             f"trajectories do not split evenly over {world} ranks (one per GPU); change the batch size")
-        if state and state.get("world_size", 1) != world:
-            raise ValueError(f"checkpoint {resume_ckpt} was saved by {state.get('world_size', 1)} rank(s) per worker, "
-                             f"this run has {world}: its optimizer state is sharded that way. Resume with "
-                             f"trainer.world_size={state.get('world_size', 1)} (or as many GPUs)")
         need_ref = (cfg.algorithm.use_kl_loss or cfg.algorithm.use_kl_in_reward) and cfg.algorithm.kl_coef > 0
         need_critic = cfg.algorithm.adv_estimator == "gae"
         placement = gpu_placement(ray, cfg, world, stack)
@@ -316,7 +317,7 @@ def train(cfg: Config) -> dict:
         stack.callback(tracker.close)
         t = cfg.trainer
         if start_step == 0 and t.val_before_train and t.test_freq != 0:
-            val = validate(ray, actor, val_samples, 0, cfg)
+            val = validate(actor, val_samples, 0, cfg)
             history["val"].append({"step": 0, **val})
             tracker.log(0, val)
             logger.info("validation before training: F1 %.4f EM %.4f", val["val/f1"], val["val/em"])
@@ -331,7 +332,7 @@ def train(cfg: Config) -> dict:
                             if k in ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
             search_before = search_now
             if (t.test_freq > 0 and step % t.test_freq == 0) or (step == t.total_steps and t.test_freq != 0):
-                val = validate(ray, actor, val_samples, step, cfg)
+                val = validate(actor, val_samples, step, cfg)
                 history["val"].append({"step": step, **val})
                 metrics.update(val)
             metrics["memory/peak_rss_gib"] = memory.peak_gib
@@ -365,7 +366,7 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
         reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score)
     if cfg.trainer.dump_rollouts:
         dump_rollouts(run_dir_for(cfg) / "rollouts" / f"step_{step}.jsonl", trajs, reward)
-    shards = split(len(trajs), actor.world)  # equal shares: config validation makes B divisible
+    shards = split(len(trajs), actor.world)  # equal shares: train() checks that B divides
     parts = [(ray.put(trajs[sl]),) for sl in shards]  # each rank's share, sent once per step
 
     def per_rank(*lists):  # rank r's share of each per-trajectory list (None stays None)

@@ -222,20 +222,18 @@ class _ModelWorker:
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return int(t.item())
 
-    def _plan(self, trajs: list[Trajectory]) -> list[list[int] | None]:
-        """Micro-batches, padded with `None` (repeat one with zero weight) up to the group's most."""
-        plan: list[list[int] | None] = list(self._micro(trajs))
-        return plan + [None] * (self._rounds(len(plan)) - len(plan))
+    def _plan(self, trajs: list[Trajectory]) -> list[tuple[list[int], bool]]:
+        """`(micro-batch, real)` pairs: the micro-batches, then repeats of a one-trajectory one (`real`
+        False, to be given zero weight) up to the group's largest count, so FSDP's collectives stay in step."""
+        plan = self._micro(trajs)
+        return [(idx, True) for idx in plan] + [(plan[0][:1], False)] * (self._rounds(len(plan)) - len(plan))
 
     @torch.no_grad()
     def per_token(self, trajs: list[Trajectory], fn) -> list[list[float]]:
         """`fn(batch) -> [B, R]` over length-sorted micro-batches, cut back to one list per trajectory."""
         self.net.eval()
         out: list[list[float]] = [[] for _ in trajs]
-        plan = self._plan(trajs)
-        for idx in plan:
-            real = idx is not None
-            idx = idx if real else plan[0][:1]
+        for idx, real in self._plan(trajs):
             batch = collate([trajs[i] for i in idx], self.pad_id, self.cfg.algorithm.mask_retrieved_tokens)
             grid = fn(batch)  # [B, R]
             if real:
@@ -381,10 +379,8 @@ class ActorRolloutWorker(_ModelWorker):
                                           else len(t.response_ids) for t in sub_trajs), "sum")
                 sequences = self._rounds(len(sub), "sum")
                 self.optimizer.zero_grad(set_to_none=True)
-                plan = self._plan(sub_trajs)
-                for idx in plan:
-                    real = idx is not None
-                    members = [sub[i] for i in (idx if real else plan[0][:1])]
+                for idx, real in self._plan(sub_trajs):
+                    members = [sub[i] for i in idx]
                     batch = collate([trajs[i] for i in members], self.pad_id, cfg.algorithm.mask_retrieved_tokens)
                     R = batch.response_ids.shape[1]
                     t0 = time.perf_counter()
@@ -473,7 +469,7 @@ class CriticWorker(_ModelWorker):
 
     def _build_net(self):
         net = TokenValues(self.model)
-        if getattr(self, "_head_state", None) is not None:
+        if self._head_state is not None:
             net.value_head.load_state_dict(self._head_state)
         return net
 
@@ -493,10 +489,7 @@ class CriticWorker(_ModelWorker):
         count = 0
         for _ in range(a.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            plan = self._plan(trajs)
-            for idx in plan:
-                real = idx is not None
-                idx = idx if real else plan[0][:1]
+            for idx, real in self._plan(trajs):
                 batch = collate([trajs[i] for i in idx], self.pad_id, self.cfg.algorithm.mask_retrieved_tokens)
                 R = batch.response_ids.shape[1]
                 v = self._values(batch)
