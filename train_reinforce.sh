@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# REINFORCE training with upstream ZeroSearch's interface, KEY VALUE pairs read by name in any order:
+# REINFORCE training (upstream's algorithm.adv_estimator=reinforce: the outcome reward on every policy token, no
+# baseline; REINFORCE++ is algorithm.adv_estimator=reinforce_plus_plus) with upstream ZeroSearch's interface,
+# KEY VALUE pairs read by name in any order:
 #   bash train_reinforce.sh NUM_GPUS_PER_NODE 4 MODEL_PATH Qwen/Qwen2.5-3B-Instruct DATA_PATH ZeroSearch_dataset \
 #        TOTAL_STEPS 203 IP localhost SEARCH_MODE simulate_prompt SIMULATION_LLM Qwen/Qwen2.5-14B-Instruct \
 #        START_THRESHOLD 0 END_THRESHOLD 0.5 [key=value ...] [--print-config]

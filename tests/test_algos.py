@@ -49,8 +49,8 @@ def _valid_std(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 def test_registered_estimators_and_unknown_name():
-    assert advantage_estimators() == ("gae", "grpo", "reinforce_plus_plus", "rloo")
-    with pytest.raises(ValueError, match="gae, grpo, reinforce_plus_plus, rloo"):
+    assert advantage_estimators() == ("gae", "grpo", "reinforce", "reinforce_plus_plus", "rloo")
+    with pytest.raises(ValueError, match="gae, grpo, reinforce, reinforce_plus_plus, rloo"):
         get_advantage_estimator("ppo2")
 
 
@@ -84,6 +84,18 @@ def test_grpo_without_std_only_centres():
 def test_grpo_group_of_one_and_constant_group_are_zero():
     adv = grpo_advantages(torch.tensor([4.0, 2.0, 2.0, 2.0]), [0, 1, 1, 1])
     torch.testing.assert_close(adv, torch.zeros(4))
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 16])
+@pytest.mark.parametrize("value", [0.1, 0.3, 0.7, 1.0])
+def test_identical_rewards_give_exactly_zero_advantage_at_any_group_size(n, value):
+    # next to a group whose rewards differ, so the batch is not constant as a whole
+    scores = torch.tensor([value] * n + [0.0, 1.0, 0.25])
+    groups = [0] * n + [1, 1, 1]
+    for adv in (grpo_advantages(scores, groups), grpo_advantages(scores, groups, norm_by_std=False),
+                rloo_advantages(scores, groups)):
+        assert adv[:n].tolist() == [0.0] * n  # exactly: fp32 rounding of the mean gave up to |0.1| at n >= 8
+        assert adv[n:].abs().min() > 0
 
 
 def test_group_ids_length_must_match():
@@ -169,6 +181,19 @@ def test_reinforce_plus_plus_whitened_over_valid_tokens():
     assert abs(float(masked_mean(adv, HOLEY_MASK))) < 1e-6
     assert _valid_std(adv, HOLEY_MASK) == pytest.approx(1.0, abs=1e-5)
     assert torch.all(adv[~HOLEY_MASK] == 0)
+
+
+def test_reinforce_is_upstreams_outcome_on_every_token_without_baseline():
+    # upstream's compute_reinforce_outcome_advantage: the summed reward on each valid token, returns = advantages
+    scores = torch.tensor([1.0, 0.0, 0.25, 0.5])
+    rewards = outcome_to_token_rewards(scores, HOLEY_MASK)
+    rewards[1, 3] = 7.0  # a reward on a hole is not the policy's: ignored
+    adv, returns = get_advantage_estimator("reinforce")(rewards, HOLEY_MASK, group_ids=[0, 0, 1, 1], gamma=0.5)
+    torch.testing.assert_close(adv, scores[:, None] * HOLEY_MASK)  # no baseline, no whitening, no discount
+    torch.testing.assert_close(returns, adv)
+    from zerosearch.config import ADV_ESTIMATORS
+
+    assert set(ADV_ESTIMATORS) == set(advantage_estimators())  # the config accepts every registered name
 
 
 def test_gae_hand_computed_with_hole():
@@ -399,3 +424,14 @@ def test_entropy_from_logits():
     torch.testing.assert_close(entropy_from_logits(logits), expected)
     uniform = entropy_from_logits(torch.full((1, 1, 8), 1e4, dtype=torch.float64))
     torch.testing.assert_close(uniform, torch.full((1, 1), math.log(8), dtype=torch.float64))
+
+
+def test_entropy_from_logits_gradient_matches_autograd_of_the_definition():
+    logits = torch.randn(3, 5, 11, generator=_gen(11), dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 5, generator=_gen(12), dtype=torch.float64)
+    (entropy_from_logits(logits) * weights).sum().backward()
+    ours, logits.grad = logits.grad, None
+    log_p = torch.log_softmax(logits, dim=-1)
+    (-(log_p.exp() * log_p).sum(-1) * weights).sum().backward()
+    torch.testing.assert_close(ours, logits.grad)
+    assert torch.autograd.gradcheck(entropy_from_logits, (logits.detach()[:1, :2].requires_grad_(),))

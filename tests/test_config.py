@@ -57,15 +57,34 @@ def test_upstream_defaults():
         ("algorithm.adv_estimator=dpo", "algorithm.adv_estimator"),
         ("rollout.n=1", "rollout.n"),  # grpo needs groups
         ("algorithm.kl_type=k9", "algorithm.kl_type"),
-        ("search.mode=wiki", "search.corpus"),
+        ("search.corpus=", "search.corpus"),  # validation searches search.engine=wiki: it needs a corpus
         ("trainer.total_steps=0", "trainer.total_steps"),
         ("actor.loss_agg_mode=sum", "actor.loss_agg_mode"),
+        ("actor.lr_warmup_steps_ratio=1.5", "actor.lr_warmup_steps_ratio"),
+        ("critic.lr_warmup_steps_ratio=-0.1", "critic.lr_warmup_steps_ratio"),
     ],
 )
 def test_validation_names_the_field(override, field):
     with pytest.raises(ConfigError) as e:
         load_config("cpu", [override])
     assert field in str(e.value)
+
+
+def test_validation_searches_a_real_engine_that_is_configured():
+    cpu = load_config("cpu")
+    assert (cpu.trainer.val_search, cpu.search.engine, cpu.search.corpus) == ("engine", "wiki", "default")
+    assert load_config("grpo").search.engine == "google"  # as upstream's README commands (SER_API_KEY at run time)
+    with pytest.raises(ConfigError, match=r"search.corpus: validation searches SEARCH_ENGINE wiki.*`default`"):
+        load_config("cpu", ["search.corpus="])
+    load_config("cpu", ["search.corpus=", "search.retriever_url=http://127.0.0.1:8000/retrieve"])
+    load_config("cpu", ["search.corpus=", "trainer.test_freq=0"])  # no validation, nothing to search
+    load_config("cpu", ["search.corpus=", "trainer.val_search=simulator"])  # the oracle alone is allowed on request
+    with pytest.raises(ConfigError, match="search.corpus: wiki search needs"):  # training through wiki still needs one
+        load_config("cpu", ["search.mode=wiki", "search.corpus=", "trainer.test_freq=0"])
+    with pytest.raises(ConfigError, match="trainer.val_search: 'both' validates through the training simulator"):
+        load_config("cpu", ["search.mode=wiki", "trainer.val_search=both"])
+    with pytest.raises(ConfigError, match="trainer.val_search"):
+        load_config("cpu", ["trainer.val_search=oracle"])
 
 
 def test_unknown_key_and_bad_type_are_explained():
@@ -149,12 +168,40 @@ def test_launcher_bogus_key_exits_2_listing_valid_keys():
 
 def test_launchers_without_arguments_select_the_cpu_default():
     for script, estimator in (("train_grpo.sh", "grpo"), ("train_ppo.sh", "gae"),
-                              ("train_reinforce.sh", "reinforce_plus_plus")):
+                              ("train_reinforce.sh", "reinforce")):
         result = run_launcher(script, "--print-config")
         assert result.returncode == 0, result.stderr
         cfg = yaml.safe_load(result.stdout)
         assert cfg["algorithm"]["adv_estimator"] == estimator
         assert cfg["model"]["path"] == "smollm2-135m-instruct" and cfg["trainer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("script, estimator, n, actor_warmup, critic_warmup", [
+    ("train_grpo.sh", "grpo", 5, 0.95, 0.0),
+    ("train_ppo.sh", "gae", 5, 0.285, 0.015),  # upstream's PPO samples n_agent=5 as well
+    ("train_reinforce.sh", "reinforce", 5, 0.95, 0.0),  # upstream's REINFORCE, not REINFORCE++
+])
+def test_gpu_launchers_resolve_upstream_schedules(script, estimator, n, actor_warmup, critic_warmup):
+    result = run_launcher(script, *UPSTREAM_ARGS, "--print-config")
+    assert result.returncode == 0, result.stderr
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["algorithm"]["adv_estimator"] == estimator and cfg["rollout"]["n"] == n
+    assert cfg["actor"]["lr_warmup_steps_ratio"] == actor_warmup
+    assert cfg["critic"]["lr_warmup_steps_ratio"] == critic_warmup
+    if estimator == "reinforce":
+        assert cfg["algorithm"]["use_kl_loss"] and cfg["algorithm"]["kl_type"] == "low_var_kl"
+
+
+@pytest.mark.parametrize("config, estimator, warmups", [
+    ("cpu", "grpo", (0.95, 0.0)), ("cpu_reinforce", "reinforce", (0.95, 0.0)), ("cpu_ppo", "gae", (0.285, 0.015)),
+])
+def test_cpu_configs_inherit_upstream_schedules_and_sample_groups(config, estimator, warmups):
+    cfg = load_config(config)
+    assert cfg.algorithm.adv_estimator == estimator
+    assert (cfg.actor.lr_warmup_steps_ratio, cfg.critic.lr_warmup_steps_ratio) == warmups
+    # every algorithm samples several rollouts per prompt, PPO included (as upstream's n_agent=5)
+    assert (cfg.data.train_batch_size, cfg.rollout.n) == (8, 4)
+    assert cfg.data.train_batch_size * cfg.rollout.n >= cfg.actor.ppo_mini_batch_size
 
 
 def test_launcher_overrides_follow_pairs():

@@ -109,6 +109,8 @@ def test_two_grpo_steps_through_ray_with_real_engines(simulator, vllm_tiny_model
     assert [r["step"] for r in steps] == [1, 2]
     assert all(r["timing/weight_push_s"] > 0 for r in steps)
     assert summary["heldout_f1_before"] is not None and summary["heldout_f1_after"] is not None
+    # trained against the simulator, validated with BM25 over the bundled corpus in the vLLM actor
+    assert summary["heldout_search"] == "wiki: BM25 over hipporag_2wiki_corpus_6119.jsonl.gz"
     ckpt = checkpoint.latest_checkpoint(run_dir)
     assert ckpt.name == "step_2"
     AutoModelForCausalLM.from_pretrained(ckpt / "actor")

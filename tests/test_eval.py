@@ -11,12 +11,15 @@ import pytest
 
 from zerosearch.eval import (
     AVERAGE,
+    _parse_eval_args,
     aggregate,
+    build_config,
     dataset_display_name,
     eval_main,
     format_table,
     load_eval_samples,
     resolve_data_files,
+    write_outputs,
 )
 from zerosearch.infer import mask_spans, render_trace, split_trace, use_color
 from zerosearch.rollout.trajectory import Trajectory
@@ -129,8 +132,31 @@ def test_missing_data_file(tmp_path, capsys):
 
 
 def test_wiki_without_corpus(qa_file, capsys):
-    err = run_fast(["--data", str(qa_file), "--search", "wiki"], capsys)
-    assert "--corpus" in err
+    err = run_fast(["--data", str(qa_file), "--search", "wiki", "search.corpus="], capsys)
+    assert "search.corpus" in err and "retriever_url" in err
+
+
+def test_eval_searches_the_real_engine_unless_asked(qa_file, tiny_model_dir, monkeypatch, capsys):
+    def config(*argv):
+        args, overrides = _parse_eval_args(["--data", str(qa_file), "--model", str(tiny_model_dir), *argv])
+        return build_config(args, overrides, search_default="search.engine")
+
+    cfg = config()  # cpu: BM25 over the bundled corpus, not the training simulator
+    assert (cfg.search.mode, cfg.search.corpus) == ("wiki", "default")
+    assert config("--search", "simulate_prompt").search.mode == "simulate_prompt"
+    assert config("search.mode=simulate_sft").search.mode == "simulate_sft"
+    assert config("search.engine=wiki", "--config", "grpo", "search.corpus=default").search.mode == "wiki"
+    monkeypatch.delenv("SER_API_KEY", raising=False)
+    err = run_fast(["--data", str(qa_file), "--model", str(tiny_model_dir), "--config", "grpo"], capsys)
+    assert "--search google" in err and "SER_API_KEY" in err  # grpo.yaml validates through Google
+
+
+def test_simulated_search_results_say_the_simulator_saw_the_answer(tmp_path):
+    table = aggregate([row("NQ", 1.0, 1.0)])
+    write_outputs(tmp_path / "sim", [], table, {"simulator_saw_answer": True})
+    write_outputs(tmp_path / "real", [], table, {"simulator_saw_answer": False})
+    assert "oracle scores, not held-out numbers" in (tmp_path / "sim" / "results.md").read_text()
+    assert (tmp_path / "real" / "results.md").read_text() == format_table(table) + "\n"
 
 
 def test_wiki_with_missing_corpus(qa_file, tmp_path, capsys):
@@ -242,6 +268,8 @@ def test_eval_runs_end_to_end_with_hf_engine(tiny_model_dir, tmp_path, method, s
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == method and summary["num_questions"] == 3
     assert summary["search"] == ("none" if method == "direct" else "wiki")
+    assert summary["simulator_saw_answer"] is False
+    assert summary["search_backend"] == (None if method == "direct" else f"wiki: BM25 over {TWOWIKI_CORPUS.name}")
     assert summary["average"]["n"] == 3 and len(summary["datasets"]) == 1
     table = (out / "results.md").read_text().splitlines()
     assert len(table) == 4 and "| 2WikiMultiHopQA |" in table[2] and "**Average**" in table[3]

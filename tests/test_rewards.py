@@ -147,12 +147,27 @@ def test_upstream_bug_missing_answer_not_scored_as_prompt_example():
     assert result["has_answer"] is False and result["answer"] is None
 
 
-def test_retrieval_hit_looks_only_inside_information_blocks():
+def test_retrieval_hit_reads_only_the_returned_documents():
     from zerosearch.rewards import retrieval_hit
 
-    text = ("<search> q </search>\n\n<information>Doc 1: The Eiffel Tower was finished in 1889.</information>\n\n"
-            "<answer> Paris </answer>")
-    assert retrieval_hit(text, ["1889"]) and retrieval_hit(text, ["the EIFFEL tower"])
-    assert not retrieval_hit(text, ["Paris"])  # only in the answer, not in a retrieved document
-    assert not retrieval_hit(text, ["188"])  # whole words only
-    assert not retrieval_hit("<answer> 1889 </answer>", ["1889"])
+    docs = ["Doc 1: The Eiffel Tower was finished in 1889.", "Doc 1: Lyon is a city."]
+    assert retrieval_hit(docs, ["1889"]) and retrieval_hit(docs, ["the EIFFEL tower"])
+    assert not retrieval_hit(docs, ["Paris"])
+    assert not retrieval_hit(docs, ["188"])  # whole words only
+    assert not retrieval_hit([], ["1889"])
+    # the response text is not a list of documents: the policy could write an <information> block itself
+    with pytest.raises(TypeError, match="Trajectory.documents"):
+        retrieval_hit("<information>Paris</information>", ["Paris"])
+
+
+def test_shaped_reward_gives_the_bonuses_only_with_an_answer():
+    from zerosearch.rewards import shaped_reward
+
+    # answered: the format floor, plus the retrieval score when a returned document held a gold answer
+    assert shaped_reward(0.0, True, False, 0.1, 0.1) == pytest.approx(0.1)
+    assert shaped_reward(0.0, True, True, 0.1, 0.1) == pytest.approx(0.2)
+    assert shaped_reward(0.5, True, True, 0.1, 0.1) == pytest.approx(0.5)  # a better answer score wins
+    # no answer: neither bonus, even when the search found the answer (Search-R1's valid-sequence rule)
+    assert shaped_reward(0.0, False, True, 0.1, 0.1) == 0.0
+    assert shaped_reward(0.0, False, False, 0.1, 0.1) == 0.0
+    assert shaped_reward(0.4, True, True) == 0.4  # both scores 0: the plain F1/EM reward

@@ -268,3 +268,62 @@ def test_reward_reads_the_policy_answer_not_the_documents(smollm2_tokenizer):
     assert traj.finish_reason == "max_turns" and traj.answer is None
     assert "<answer>Paris</answer>" in traj.response_text
     assert traj.score() == {"f1": 0.0, "em": 0.0}
+
+
+def test_each_query_is_paired_with_its_own_question_when_others_do_not_search(smollm2_tokenizer):
+    # upstream's batch_search indexes the questions with the query's position among the *searching*
+    # trajectories, so when an earlier trajectory answers at once the query goes out with its question
+    search = RecordingSearch()
+    loop, engine = make_loop(smollm2_tokenizer, [["<answer>Berlin</answer>"], SEARCH_THEN_ANSWER], search=search)
+    samples = [sample(0, "Capital of Germany?", ["Berlin"]), sample(1, "What is the capital of France?", ["Paris"])]
+    run(loop, engine, samples, n=1)
+    assert [(r.query, r.question, r.golden_answers) for r in search.requests] == [
+        ("capital of France", "What is the capital of France?", ["Paris"])]
+
+
+def test_returned_documents_are_recorded_as_the_policy_saw_them(smollm2_tokenizer):
+    search = RecordingSearch(docs="Doc 1(Title: Long) Paris " + "lorem ipsum " * 200 + "Lyon")
+    loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER], search=search, max_obs_length=50)
+    (traj,), _ = run(loop, engine, [sample(0)])
+    (document,) = traj.documents
+    assert document.startswith("Doc 1(Title: Long) Paris") and "Lyon" not in document  # cut where truncated
+    assert document in traj.response_text
+    assert traj.to_record()["documents"] == [document]
+
+
+def test_information_written_by_the_policy_earns_no_retrieval_bonus(smollm2_tokenizer):
+    from zerosearch.training.driver import score
+
+    # the policy fakes an <information> block holding the gold answer; the real search returns other text
+    fake = "<information>Doc 1: Paris is the capital.</information><search>capital of France</search>"
+    search = RecordingSearch(docs="Doc 1(Title: Lyon) Lyon is a city.")
+    loop, engine = make_loop(smollm2_tokenizer, [[fake, "<answer>Lyon</answer>"], SEARCH_THEN_ANSWER], search=search)
+    trajs, _ = run(loop, engine, [sample(0), sample(1)])
+    assert "<information>Doc 1: Paris is the capital.</information>" in trajs[0].response_text
+    reward, metrics = score(trajs, "f1", format_score=0.1, retrieval_score=0.1)
+    assert reward.tolist() == pytest.approx([0.1, 1.0])  # format floor only: no bonus for its own text
+    assert metrics["reward/retrieval_hit"] == 0.0
+    # the same answer after a search that did return the gold answer earns it
+    real = RecordingSearch(docs="Doc 1(Title: Paris) Paris is the capital of France.")
+    loop, engine = make_loop(smollm2_tokenizer, [[fake, "<answer>Lyon</answer>"]], search=real)
+    trajs, _ = run(loop, engine, [sample(0)])
+    assert score(trajs, "f1", format_score=0.1, retrieval_score=0.1)[0].tolist() == pytest.approx([0.2])
+
+
+def test_noise_draws_are_the_same_whatever_the_number_of_ranks(smollm2_tokenizer):
+    def flags(samples, n, offset):
+        loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER] * len(samples), per_poll=5)
+        for uid in range(len(samples) * n):
+            engine.group_of[uid] = uid // n
+        trajs, _ = loop.run(samples, n, SamplingSpec(max_tokens=64, seed=7), p_noisy=0.5, noise_seed=11,
+                            uid_offset=offset)
+        return [t.noisy_flags[0] for t in trajs], [s.seed for _, _, s in engine.submitted if s.seed is not None]
+
+    samples, n = [sample(i) for i in range(16)], 3
+    whole, whole_seeds = flags(samples, n, 0)
+    # two data-parallel ranks of the same batch: rank 1 starts at prompt 8, i.e. trajectory 8 * n
+    rank0, seeds0 = flags(samples[:8], n, 0)
+    rank1, seeds1 = flags(samples[8:], n, 8 * n)
+    assert rank0 + rank1 == whole
+    assert rank0 != rank1  # trajectory i of rank 1 does not repeat rank 0's draws
+    assert set(seeds0).isdisjoint(seeds1) and sorted(seeds0 + seeds1) == sorted(whole_seeds)

@@ -250,17 +250,20 @@ def test_templates_fill_every_field(mode: str) -> None:
     templates = load_templates(mode)
     request = SearchRequest(query="Eiffel tower height", question="How tall is the Eiffel Tower?",
                             golden_answers=["330 m", "1,083 ft"], noisy=True)
-    useful, noisy = (fill_template(templates[flag], request, topk=5) for flag in (False, True))
+    useful, noisy = (fill_template(templates[flag], request, topk=5, mode=mode) for flag in (False, True))
     for prompt in (useful, noisy):
         assert "{" not in prompt and "}" not in prompt
         assert prompt.rstrip().endswith("Output:")
         assert "Query: Eiffel tower height\n" in prompt
         assert "five" in prompt  # upstream spells topk=5 as "five"
     assert "Useful Output:" in useful and "Noisy Output:" in noisy
-    assert 'question: "How tall is the Eiffel Tower?" whose answer is 330 m or 1,083 ft.' in useful
-    if mode == "sft":  # the fine-tuned simulator sees the answer in both kinds, as it was trained
-        assert "whose answer is 330 m or 1,083 ft." in noisy
-    assert "three" in fill_template(templates[False], request, topk=3)
+    if mode == "prompt":  # the few-shot simulator is told every gold answer
+        assert 'question: "How tall is the Eiffel Tower?" whose answer is 330 m or 1,083 ft.' in useful
+    else:  # the fine-tuned simulator sees the first gold answer, in both kinds, exactly as it was trained
+        for prompt in (useful, noisy):
+            assert 'question: "How tall is the Eiffel Tower?" whose answer is 330 m.' in prompt
+            assert "1,083 ft" not in prompt
+    assert "three" in fill_template(templates[False], request, topk=3, mode=mode)
 
 
 @pytest.mark.parametrize(
@@ -465,6 +468,15 @@ def test_useful_and_noisy_requests_use_their_templates(fake_servers) -> None:
     assert "Noisy Output:" in by_query["q noisy"].splitlines()[-1]
     assert "Useful Output:" in by_query["q default"].splitlines()[-1]
     assert [r.noisy for r in results] == [False, True, False]
+
+
+@pytest.mark.parametrize(("mode", "answer"), [("prompt", "Paris or City of Light"), ("sft", "Paris")])
+def test_simulator_prompt_names_all_gold_answers_sft_only_the_first(fake_servers, mode: str, answer: str) -> None:
+    server = fake_servers()
+    with SimulatedSearch(server.address, model="sim", mode=mode) as sim:
+        sim.search([SearchRequest("q", "Capital of France?", ["Paris", "City of Light"], noisy=False)])
+    (prompt,) = server.prompts
+    assert f'"Capital of France?" whose answer is {answer}.' in prompt
 
 
 def test_client_errors_are_not_retried(fake_servers) -> None:

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from zerosearch.config import load_config
+from zerosearch.curriculum import noise_probability
 from zerosearch.rollout.trajectory import Trajectory
 from zerosearch.training import checkpoint
 from zerosearch.training.batch import collate, micro_batches
@@ -65,9 +66,10 @@ def overrides(workspace: Path, model: Path, name: str, **extra) -> list[str]:
 # --- the masked loss -----------------------------------------------------------------------------------
 
 
-def _traj(prompt, resp, mask, group=0, uid=0):
+def _traj(prompt, resp, mask, group=0, uid=0, train_observations=False):
     return Trajectory(uid=uid, group=group, question="q", golden_answers=["a"], prompt_ids=prompt,
-                      response_ids=resp, loss_mask=mask, logprobs=[0.0] * len(resp))
+                      response_ids=resp, loss_mask=mask, logprobs=[0.0] * len(resp),
+                      train_observations=train_observations)
 
 
 def _grads(model, trajs, advantages, mask_retrieved=True):
@@ -76,10 +78,12 @@ def _grads(model, trajs, advantages, mask_retrieved=True):
     from zerosearch.training.workers import token_logprobs
 
     model.zero_grad(set_to_none=True)
-    batch = collate(trajs, pad_id=0, mask_retrieved=mask_retrieved)
-    lp, _ = token_logprobs(model, batch, batch.loss_mask.bool(), torch.device("cpu"))
+    for t in trajs:
+        t.train_observations = not mask_retrieved
+    batch = collate(trajs, pad_id=0)
+    lp, _ = token_logprobs(model, batch, batch.train_mask.bool(), torch.device("cpu"))
     adv = pad_to_grid(advantages, batch.response_ids.shape[1])
-    loss, _ = actor_loss(lp, lp.detach(), lp.detach(), adv, batch.loss_mask, kl_coef=0.001)
+    loss, _ = actor_loss(lp, lp.detach(), lp.detach(), adv, batch.train_mask, kl_coef=0.001)
     loss.backward()
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -116,7 +120,7 @@ def test_log_probs_only_on_selected_tokens_match_a_full_forward(tiny_model_dir):
     trajs = [_traj([11, 12, 13], [21, 22, 23, 24], [1, 0, 1, 1]), _traj([11, 12, 13, 14, 15], [31, 32], [1, 1], uid=1)]
     batch = collate(trajs, pad_id=0)
     with torch.no_grad():
-        lp, ent = token_logprobs(model, batch, batch.loss_mask.bool(), torch.device("cpu"), with_entropy=True)
+        lp, ent = token_logprobs(model, batch, batch.train_mask.bool(), torch.device("cpu"), with_entropy=True)
         for b, t in enumerate(trajs):
             seq = torch.tensor([t.prompt_ids + t.response_ids])
             full = model(seq).logits.float().log_softmax(-1)[0]  # [L, V]
@@ -124,7 +128,27 @@ def test_log_probs_only_on_selected_tokens_match_a_full_forward(tiny_model_dir):
             for j, tok in enumerate(t.response_ids):
                 expected = full[P + j - 1, tok] if t.loss_mask[j] else torch.tensor(0.0)
                 torch.testing.assert_close(lp[b, j], expected, atol=1e-5, rtol=1e-5)
-    assert (ent[batch.loss_mask.bool()] > 0).all() and (ent[~batch.loss_mask.bool()] == 0).all()
+    assert (ent[batch.train_mask.bool()] > 0).all() and (ent[~batch.train_mask.bool()] == 0).all()
+
+
+@pytest.mark.parametrize("ratio, total, expected", [
+    (0.5, 8, [0.25, 0.5, 0.75, 1, 1, 1, 1, 1]),
+    (0.95, 24, [min(1.0, k / 22) for k in range(1, 25)]),  # the CPU default: int(0.95 * 24) = 22 steps
+    (0.015, 24, [1.0] * 24),  # PPO's critic on the CPU default: int(0.36) = 0, no warm-up
+    (0.0, 3, [1.0] * 3),
+])
+def test_lr_warmup_is_a_ratio_of_the_total_steps(ratio, total, expected):
+    from zerosearch.training.workers import warmup_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=2.0)
+    scheduler = warmup_scheduler(optimizer, ratio, total)
+    used = []
+    for _ in range(total):  # as the workers do: the step's updates, then one scheduler step
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used == pytest.approx([2.0 * e for e in expected])
 
 
 def test_micro_batches_group_similar_lengths():
@@ -146,6 +170,190 @@ def test_grpo_advantages_follow_groups_and_mask():
     assert adv[0][0] == pytest.approx(-adv[1][0])
 
 
+# --- the trainer's maths: temperature, entropy bonus, loss weights, KL in the reward ------------------
+
+
+def _trainer(model_dir, *extra: str):
+    """The ActorRolloutWorker's training side (no rollout engine) on a tiny model, fp32, one process."""
+    from zerosearch.training.workers import ActorRolloutWorker, _ModelWorker
+
+    cfg = load_config("cpu", [f"model.path={model_dir}", "model.autocast_dtype=", "model.gradient_checkpointing=false",
+                              *extra])
+    worker = ActorRolloutWorker.__new__(ActorRolloutWorker)
+    _ModelWorker.__init__(worker, cfg)
+    worker.optimizer = _GradRecorder(worker.net.parameters())
+    worker.scheduler = torch.optim.lr_scheduler.LambdaLR(worker.optimizer, lambda _: 1.0)
+    return worker
+
+
+class _GradRecorder(torch.optim.SGD):
+    """An optimizer that changes nothing and records the gradient of every parameter at each step."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.grads: list[list[torch.Tensor | None]] = []  # per step, in the order of the parameters
+
+    def step(self, closure=None):
+        self.grads.append([None if p.grad is None else p.grad.clone() for g in self.param_groups for p in g["params"]])
+
+
+TRAJS = [([11, 12, 13], [21, 22, 23, 24, 25], [1, 1, 0, 0, 1]), ([11, 12, 13, 14, 15], [31, 32, 33], [1, 1, 1]),
+         ([16, 17], [41, 42, 43, 44, 45, 46, 47], [1, 0, 0, 0, 1, 1, 1])]
+
+
+def _reference_logits(model, t: Trajectory) -> torch.Tensor:
+    """The HF model's logits at the positions predicting each response token, [R, V]."""
+    P = len(t.prompt_ids)
+    return model(torch.tensor([t.prompt_ids + t.response_ids])).logits[0, P - 1: P - 1 + len(t.response_ids)].float()
+
+
+def test_trainer_log_probs_and_entropy_are_at_the_sampling_temperature(tiny_model_dir, monkeypatch):
+    """Rollouts sample from softmax(logits / T): the old, reference and updating log-probs and the entropy
+    are taken from that distribution (verl divides the logits by T), not from the raw logits."""
+    from zerosearch.training import workers
+    from zerosearch.training.workers import ReferenceWorker, logprob_temperature
+
+    T = 0.6
+    actor = _trainer(tiny_model_dir, f"rollout.temperature={T}", "actor.entropy_coeff=0")
+    ref = ReferenceWorker(actor.cfg)
+    trajs = [_traj(p, r, m, uid=i) for i, (p, r, m) in enumerate(TRAJS)]
+    with torch.no_grad():
+        logits = [_reference_logits(actor.model, t) for t in trajs]  # [R, V] each
+    expected, at_one = [], []
+    for t, z in zip(trajs, logits):
+        rows = torch.arange(len(t.response_ids))
+        mask = torch.tensor(t.loss_mask, dtype=torch.bool)
+        expected.append(torch.where(mask, (z / T).log_softmax(-1)[rows, t.response_ids], 0.0))
+        at_one.append(torch.where(mask, z.log_softmax(-1)[rows, t.response_ids], 0.0))
+    for worker in (actor, ref):
+        got = worker.compute_log_probs(trajs)
+        for g, e, one in zip(got, expected, at_one):
+            torch.testing.assert_close(torch.tensor(g), e, atol=1e-5, rtol=1e-5)
+            assert (torch.tensor(g) - one).abs().max() > 0.01  # T = 1 would be another distribution
+
+    seen = []  # the log-probs the update's loss sees
+
+    def spy(lp, *args, **kwargs):
+        seen.append(lp.detach())
+        return (lp * 0.0).sum(), {}
+
+    monkeypatch.setattr(workers, "actor_loss", spy)
+    metrics = actor.update(trajs, [[1.0] * len(t.response_ids) for t in trajs], None, None, step=1)
+    assert sum(len(x) for x in seen) == len(trajs)  # one micro-batch of three
+    order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].prompt_ids) + len(trajs[i].response_ids))
+    for row, i in enumerate(order):
+        torch.testing.assert_close(seen[0][row, : len(expected[i])], expected[i], atol=1e-5, rtol=1e-5)
+    probs = [(z / T).softmax(-1) for z in logits]
+    entropy = torch.cat([-(p * p.log()).sum(-1)[torch.tensor(t.loss_mask, dtype=torch.bool)] for p, t in zip(probs, trajs)])
+    assert metrics["actor/entropy"] == pytest.approx(float(entropy.mean()), rel=1e-5)  # token-mean at T
+
+    greedy = load_config("cpu", ["rollout.temperature=0"])
+    assert logprob_temperature(greedy) == 1.0 and logprob_temperature(actor.cfg) == T
+
+
+def test_entropy_bonus_adds_exactly_the_gradient_of_minus_coeff_times_entropy(tiny_model_dir):
+    T, coeff = 0.6, 1.0
+    trajs = [_traj(p, r, m, uid=i) for i, (p, r, m) in enumerate(TRAJS)]
+    advantages = [[0.5, -1.0, 0.0, 0.0, 2.0], [1.0, 1.0, -0.5], [-1.0, 0.0, 0.0, 0.0, 0.3, 0.3, 0.3]]
+    grads = {}
+    for c in (0.0, coeff):
+        worker = _trainer(tiny_model_dir, f"rollout.temperature={T}", f"actor.entropy_coeff={c}", "actor.grad_clip=1e9")
+        metrics = worker.update(trajs, advantages, None, None, step=1)
+        grads[c] = worker.optimizer.grads[0]
+        params = list(worker.net.parameters())
+    assert metrics["actor/entropy"] > 0
+    # the entropy term alone, by autograd on the HF model: -coeff * token-mean entropy of softmax(logits / T)
+    worker.model.zero_grad(set_to_none=True)
+    entropies = []
+    for t in trajs:
+        log_p = (_reference_logits(worker.model, t) / T).log_softmax(-1)  # [R, V]
+        entropies.append(-(log_p.exp() * log_p).sum(-1)[torch.tensor(t.loss_mask, dtype=torch.bool)])
+    (-coeff * torch.cat(entropies).mean()).backward()
+    checked = 0
+    for i, p in enumerate(params):
+        if p.grad is None:
+            continue
+        # up to fp32 rounding of the policy-gradient part, which is ~1000x the entropy's on a random model
+        atol = 1e-5 * float(grads[0.0][i].abs().max())
+        torch.testing.assert_close(grads[coeff][i] - grads[0.0][i], p.grad, atol=atol, rtol=1e-3)
+        checked += int(p.grad.abs().max() > 0)
+    assert checked > 5  # embeddings, attention, MLP: the bonus reaches the whole model
+
+
+@pytest.mark.parametrize("ablation", [False, True])
+def test_actor_and_critic_token_weights_sum_to_one_over_a_mini_batch(tiny_model_dir, monkeypatch, ablation):
+    """Each micro-batch's loss is aggregated over its own tokens and weighted into the mini-batch's loss; the
+    weight every loss-carrying token ends up with must sum to 1, with the retrieved tokens masked or (the
+    ablation) not. Measured as the gradient of a stand-in loss of ones, through the real update loops."""
+    from zerosearch.algos import agg_loss
+    from zerosearch.training import workers
+    from zerosearch.training.workers import CriticWorker
+
+    leaves = []  # (ones [B, R] that stood in for the per-token loss, the train mask it was aggregated over)
+
+    def stand_in(agg):
+        def loss(first, *args, **kwargs):
+            ones = torch.ones_like(first, requires_grad=True)
+            mask = args[-1]  # actor_loss(lp, old, ref, adv, mask, ...) and value_loss(v, old, ret, mask, ...)
+            leaves.append((ones, mask))
+            return agg_loss(ones, mask, kwargs.get("agg", agg)), {}
+        return loss
+
+    monkeypatch.setattr(workers, "actor_loss", stand_in("token-mean"))
+    monkeypatch.setattr(workers, "value_loss", stand_in("token-mean"))
+    trajs = [_traj(p, r, m, uid=i, train_observations=ablation) for i, (p, r, m) in enumerate(TRAJS)]
+    trajs.append(_traj([11, 12], [51, 52, 53, 54], [1, 0, 0, 1], uid=3, train_observations=ablation))
+    zeros = [[0.0] * len(t.response_ids) for t in trajs]
+    small = ["actor.micro_batch_tokens=18", "actor.micro_batch_size=2", "actor.entropy_coeff=0"]  # two micro-batches of two
+
+    def weights() -> torch.Tensor:
+        assert len(leaves) == 2
+        for ones, mask in leaves:  # loss-carrying tokens, and only they, carry weight
+            assert torch.equal(ones.grad > 0, mask.bool())
+        total = sum(ones.grad.sum() for ones, _ in leaves)
+        leaves.clear()
+        return total
+
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        actor = _trainer(tiny_model_dir, *small, f"actor.loss_agg_mode={agg}")
+        actor.update(trajs, zeros, None, None, step=1)
+        assert float(weights()) == pytest.approx(1.0, abs=1e-6), f"actor, {agg}"
+    critic = CriticWorker(load_config("cpu_ppo", [f"model.path={tiny_model_dir}", "model.autocast_dtype=", *small]))
+    critic.update(trajs, zeros, zeros)
+    assert float(weights()) == pytest.approx(1.0, abs=1e-6), "critic"
+
+
+def test_advantages_follow_the_train_mask():
+    cfg = load_config("cpu")
+    for ablation in (False, True):
+        trajs = [_traj([1], [5, 6, 7], [1, 0, 1], group=0, uid=i, train_observations=ablation) for i in range(2)]
+        adv, _, m = compute_advantages(cfg, trajs, torch.tensor([1.0, 0.0]), None, None, None)
+        assert (adv[0][1] != 0.0) == ablation  # the observation token has an advantage only in the ablation
+        assert m["adv/mean_abs"] == pytest.approx(abs(adv[0][0]))
+
+
+@pytest.mark.parametrize("kl_type", ["k1", "k2", "low_var_kl"])
+def test_kl_in_ppo_reward_honours_kl_type(kl_type):
+    from zerosearch.algos import kl_penalty
+
+    cfg = load_config("cpu_ppo", [f"algorithm.kl_type={kl_type}", "algorithm.kl_coef=0.5"])
+    assert cfg.algorithm.use_kl_in_reward and cfg.algorithm.gamma == cfg.algorithm.lam == 1.0
+    trajs = [_traj([1], [5, 6, 7, 8], [1, 0, 1, 1], uid=0), _traj([1], [5, 6], [1, 1], uid=1)]
+    old = [[-1.0, 0.0, -0.5, -2.0], [-0.3, -0.1]]
+    ref = [[-0.2, 0.0, -1.5, -1.0], [-0.3, -0.9]]
+    values = [[0.0] * 4, [0.0] * 2]
+    reward = torch.tensor([1.0, 0.0])
+    _, returns, m = compute_advantages(cfg, trajs, reward, values, ref, old)
+    kl = [sum(float(kl_penalty(torch.tensor(o), torch.tensor(r), kl_type)) for o, r, keep in zip(os_, rs, t.loss_mask)
+              if keep) for os_, rs, t in zip(old, ref, trajs)]
+    # values 0, gamma = lam = 1: the return at the first token is the whole sequence's token reward
+    assert [r[0] for r in returns] == pytest.approx([1.0 - 0.5 * kl[0], -0.5 * kl[1]], abs=1e-6)
+    assert m["reward/kl_penalty"] == pytest.approx(sum(kl) / 2, abs=1e-6)
+    if kl_type != "k1":
+        k1 = sum(o - r for o, r, keep in zip(old[0], ref[0], trajs[0].loss_mask) if keep)
+        assert kl[0] != pytest.approx(k1)
+
+
 # --- runs through Ray ----------------------------------------------------------------------------------
 
 
@@ -163,6 +371,11 @@ def test_grpo_run_checkpoints_load_with_transformers(workspace, tiny_model_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "reward/mean" in r]
     assert [r["step"] for r in train_rows] == [1, 2]
+    # upstream's curriculum index: step k of T trains with p(k / T), the last one at END_THRESHOLD
+    start, end = cfg.search.start_threshold, cfg.search.end_threshold
+    assert train_rows[0]["curriculum/p_noisy"] == pytest.approx(noise_probability(1, 2, start, end))
+    assert train_rows[0]["curriculum/p_noisy"] > start
+    assert train_rows[-1]["curriculum/p_noisy"] == end == 0.5
     for key in ("reward/f1", "reward/em", "rollout/answer_rate", "rollout/valid_action_rate", "curriculum/p_noisy",
                 "actor/kl_loss", "actor/entropy", "actor/clip_frac", "actor/grad_norm", "actor/lr", "timing/gen_s",
                 "timing/update_actor_s", "timing/sync_s", "perf/tokens_per_s", "rollout/searches_per_traj"):
@@ -176,13 +389,11 @@ def test_grpo_run_checkpoints_load_with_transformers(workspace, tiny_model_dir):
     assert (run_dir / "rollouts" / "step_2.jsonl").is_file()
 
 
-@pytest.mark.parametrize("config, estimator", [("cpu_ppo", "gae"), ("cpu_reinforce", "reinforce_plus_plus")])
+@pytest.mark.parametrize("config, estimator", [("cpu_ppo", "gae"), ("cpu_reinforce", "reinforce")])
 def test_ppo_and_reinforce_run_a_step(workspace, tiny_model_dir, config, estimator):
     from zerosearch.training.driver import train
 
-    extra = {"trainer.total_steps": 1, "data.train_batch_size": 2}
-    if estimator == "gae":
-        extra["rollout.n"] = 1
+    extra = {"trainer.total_steps": 1, "data.train_batch_size": 2}  # PPO too samples rollout.n = 2 per prompt
     cfg = load_config(config, overrides(workspace, tiny_model_dir, config, **extra))
     assert cfg.algorithm.adv_estimator == estimator
     train(cfg)
@@ -243,7 +454,7 @@ def test_bf16_autocast_log_probs_stay_close_to_fp32(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     trajs = [_traj(list(range(10, 30)), list(range(40, 60)), [1] * 10 + [0] * 5 + [1] * 5)]
     batch = collate(trajs, pad_id=0)
-    select = batch.loss_mask.bool()
+    select = batch.train_mask.bool()
     with torch.no_grad():
         exact, _ = token_logprobs(model, batch, select, torch.device("cpu"))
         mixed, _ = token_logprobs(model, batch, select, torch.device("cpu"), autocast=torch.bfloat16)
@@ -277,14 +488,14 @@ def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -
     """One rank: the real ActorRolloutWorker log-prob and update code on its share of four trajectories."""
     os.environ["ZEROSEARCH_TORCH_THREADS"] = "1"
     from zerosearch.training.driver import split
-    from zerosearch.training.workers import ActorRolloutWorker, DistInfo, _lr_lambda, _ModelWorker
+    from zerosearch.training.workers import ActorRolloutWorker, DistInfo, _ModelWorker, warmup_scheduler
 
     cfg = load_config("cpu", [f"model.path={model_dir}", "model.autocast_dtype=", "model.gradient_checkpointing=false",
                               "actor.ppo_mini_batch_size=4", "actor.micro_batch_size=8", "actor.micro_batch_tokens=16"])
     worker = ActorRolloutWorker.__new__(ActorRolloutWorker)  # no rollout engine: only the training side
     _ModelWorker.__init__(worker, cfg, dist_info=DistInfo(rank, world, "127.0.0.1", port))
     worker.optimizer = torch.optim.AdamW(worker.net.parameters(), lr=1e-3)
-    worker.scheduler = torch.optim.lr_scheduler.LambdaLR(worker.optimizer, _lr_lambda(0))
+    worker.scheduler = warmup_scheduler(worker.optimizer, 0.0, 1)
     # rank 0 of two gets the two short ones (one micro-batch), rank 1 the long ones (two micro-batches)
     trajs = [_traj([11, 12, 13], [21, 22], [1, 1], group=0, uid=0),
              _traj([11, 12, 13, 14], [31, 32], [1, 1], group=0, uid=1),
@@ -380,16 +591,129 @@ def test_ppo_with_two_fsdp_ranks_per_worker_trains_saves_and_resumes(workspace, 
 def test_reward_floors_for_an_answer_and_for_a_retrieved_gold_answer():
     from zerosearch.training.driver import score
 
-    def traj(text):
+    def traj(text, documents=()):
         t = _traj([1], [2], [1])
-        t.golden_answers, t.response_text = ["Paris"], text
+        t.golden_answers, t.response_text, t.documents = ["Paris"], text, list(documents)
         t.answer = text.split("<answer>")[1].split("</answer>")[0].strip() if "<answer>" in text else None
         return t
 
-    info = "<information>Doc 1: Paris is the capital of France.</information>"
-    trajs = [traj("<answer> Paris </answer>"), traj("<answer> Lyon </answer>"), traj(info + "<answer> Lyon </answer>"),
-             traj(info), traj("nothing")]
+    doc = "Doc 1: Paris is the capital of France."
+    info = f"<information>{doc}</information>"
+    other = "Doc 1: Lyon is a city in France."
+    trajs = [traj("<answer> Paris </answer>"), traj("<answer> Lyon </answer>"),
+             traj(info + "<answer> Lyon </answer>", [doc]),  # the search engine returned the answer
+             traj(info + "<answer> Lyon </answer>", [other]),  # the policy wrote that <information> block itself
+             traj(info, [doc]),  # the search found it, but no answer: no bonus (Search-R1)
+             traj("nothing")]
     reward, m = score(trajs, "f1", format_score=0.1, retrieval_score=0.1)
-    assert reward.tolist() == pytest.approx([1.0, 0.1, 0.2, 0.1, 0.0])
-    assert m["reward/retrieval_hit"] == pytest.approx(2 / 5) and m["reward/f1"] == pytest.approx(1 / 5)
-    assert score(trajs, "f1")[0].tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0, 0.0])  # ZeroSearch: pure F1
+    assert reward.tolist() == pytest.approx([1.0, 0.1, 0.2, 0.1, 0.0, 0.0])
+    assert m["reward/retrieval_hit"] == pytest.approx(2 / 6) and m["reward/f1"] == pytest.approx(1 / 6)
+    assert score(trajs, "f1")[0].tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])  # ZeroSearch: pure F1
+
+
+# --- held-out numbers from a real search engine ---------------------------------------------------------
+
+
+def test_validation_searches_the_engine_and_the_summary_names_it(workspace, tiny_model_dir):
+    from zerosearch.training.driver import train
+
+    cfg = load_config("cpu", overrides(workspace, tiny_model_dir, "val-engine", **{
+        "trainer.total_steps": 1, "trainer.test_freq": 1, "search.engine": "wiki", "trainer.final_checkpoint": False,
+        "trainer.save_freq": 0}))
+    summary = train(cfg)
+    assert summary["heldout_search"] == "wiki: BM25 over corpus.jsonl"
+    assert summary["heldout_f1_before"] is not None and summary["heldout_f1_after"] is not None
+    assert "oracle_search" not in summary
+    run_dir = run_dir_for(cfg)
+    assert json.loads((run_dir / "summary.json").read_text())["heldout_search"] == summary["heldout_search"]
+    assert "held-out search: wiki: BM25 over corpus.jsonl" in (run_dir / "summary.md").read_text()
+    val_rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val/f1" in r]
+    assert [r["step"] for r in val_rows] == [0, 1] and not any("val_oracle/f1" in r for r in val_rows)
+
+
+def test_a_simulated_training_validates_through_the_real_engine(workspace, tiny_model_dir):
+    """search.mode simulate_prompt trains against the simulator; validation goes to search.engine (BM25 here),
+    the simulator only with `oracle` (trainer.val_search simulator / both)."""
+    from zerosearch.search.local import BM25Search
+    from zerosearch.training.workers import ActorRolloutWorker
+
+    cfg = load_config("cpu", overrides(workspace, tiny_model_dir, "val-sim", **{
+        "search.mode": "simulate_prompt", "search.start_server": "never", "search.ip": "127.0.0.1:9",
+        "search.engine": "wiki", "trainer.test_freq": 8, "trainer.val_search": "both"}))
+    worker = ActorRolloutWorker(cfg)
+    try:
+        assert worker.loop.search.name == "simulate_prompt"
+        assert isinstance(worker.val_loop.search, BM25Search)
+        assert worker.val_loop.search.corpus_path == workspace / "corpus.jsonl"
+
+        class Used(Exception):
+            pass
+
+        def recorder(name):
+            def run(*args, **kwargs):
+                raise Used(name)
+            return run
+
+        worker.loop.run, worker.val_loop.run = recorder("simulator"), recorder("engine")
+        with pytest.raises(Used, match="engine"):
+            worker.rollout([], 0.0, 1, validate=True)
+        with pytest.raises(Used, match="simulator"):
+            worker.rollout([], 0.0, 1, validate=True, oracle=True)
+        with pytest.raises(Used, match="simulator"):
+            worker.rollout([], 0.1, 1)
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("val_search, prefixes", [("engine", ["val"]), ("simulator", ["val_oracle"]),
+                                                  ("both", ["val", "val_oracle"])])
+def test_validation_metrics_are_named_by_what_was_searched(val_search, prefixes):
+    """`val/...` through the real engine, `val_oracle/...` through the simulator (which saw the answer)."""
+    from types import SimpleNamespace
+
+    from zerosearch.training.driver import WorkerGroup, validate
+
+    calls = []
+
+    def remote(samples, p_noisy, step, validate, offset=0, oracle=False):
+        calls.append((validate, oracle, p_noisy))
+        t = _traj([1], [2], [1])
+        t.golden_answers, t.answer = ["Paris"], "Paris" if oracle else "Lyon"  # the oracle copies the answer
+        return [t], {"rollout/answer_rate": 1.0, "rollout/searches_per_traj": 1.0}
+
+    actor = WorkerGroup(SimpleNamespace(get=lambda refs: refs), [SimpleNamespace(rollout=SimpleNamespace(remote=remote))])
+    cfg = load_config("cpu", [f"trainer.val_search={val_search}"])
+    metrics = validate(actor, ["q"], 8, cfg)
+    assert sorted({k.split("/")[0] for k in metrics}) == prefixes
+    assert [oracle for _, oracle, _ in calls] == [p == "val_oracle" for p in prefixes]
+    assert all(v and p == 0.0 for v, _, p in calls)
+    if "val" in prefixes:
+        assert metrics["val/f1"] == 0.0
+    if "val_oracle" in prefixes:
+        assert metrics["val_oracle/f1"] == 1.0
+
+
+def test_summary_names_the_heldout_engine_and_keeps_oracle_scores_apart(tmp_path):
+    from zerosearch.training.summary import write_summary
+
+    val = [{"step": 0, "val/f1": 0.1, "val/em": 0.0, "val_oracle/f1": 0.5, "val_oracle/em": 0.4},
+           {"step": 8, "val/f1": 0.2, "val/em": 0.1, "val_oracle/f1": 0.7, "val_oracle/em": 0.6}]
+    summary = write_summary(tmp_path, {"val": val}, steps=8, wall_s=60.0, peak_rss_gib=1.0, simulated_queries=3,
+                            heldout_search="wiki: BM25 over c.jsonl", oracle_search="simulate_prompt: simulation LLM m")
+    assert summary["heldout_search"] == "wiki: BM25 over c.jsonl"
+    assert (summary["heldout_f1_before"], summary["heldout_f1_after"]) == (0.1, 0.2)  # the real engine's
+    assert (summary["oracle_f1_before"], summary["oracle_f1_after"]) == (0.5, 0.7)
+    table = (tmp_path / "summary.md").read_text()
+    assert "held-out search: wiki: BM25 over c.jsonl" in table and "| oracle f1 | 0.5000 | 0.7000 |" in table
+    only_oracle = write_summary(tmp_path, {"val": [{"step": 0, "val_oracle/f1": 0.5}]}, steps=1, wall_s=1.0,
+                                peak_rss_gib=1.0, simulated_queries=0, oracle_search="simulate_prompt: m")
+    assert only_oracle["heldout_search"] is None and only_oracle["heldout_f1_before"] is None
+
+
+def test_google_validation_without_an_api_key_stops_before_anything_starts(tmp_path, monkeypatch):
+    from zerosearch.training.driver import train
+
+    monkeypatch.delenv("SER_API_KEY", raising=False)
+    cfg = load_config("cpu", ["search.engine=google", f"trainer.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="search.engine=google.*SER_API_KEY"):
+        train(cfg)

@@ -22,7 +22,8 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 SEARCH_MODES = ("simulate_prompt", "simulate_sft", "wiki", "google")
 SEARCH_ENGINES = ("wiki", "google")
-ADV_ESTIMATORS = ("grpo", "gae", "reinforce_plus_plus", "rloo")
+VAL_SEARCHES = ("engine", "simulator", "both")
+ADV_ESTIMATORS = ("grpo", "gae", "reinforce", "reinforce_plus_plus", "rloo")
 KL_TYPES = ("k1", "k2", "k3", "low_var_kl", "kl", "mse")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 REWARD_METRICS = ("f1", "em")
@@ -100,7 +101,8 @@ class SearchConfig:
     mode: str = "simulate_prompt"
     """SEARCH_MODE: `simulate_prompt` or `simulate_sft` (simulation LLM), `wiki` (local BM25) or `google` (SerpAPI)."""
     engine: str = "wiki"
-    """SEARCH_ENGINE: the real engine used for evaluation with `--search real` (`wiki` or `google`)."""
+    """SEARCH_ENGINE: the real engine that validation and `zerosearch eval` search with: `wiki` (BM25 over
+    `corpus`, or the `retriever_url` server) or `google` (SerpAPI, needs SER_API_KEY), as upstream validates."""
     simulation_llm: str = "smollm2-135m-instruct"
     """SIMULATION_LLM: model the simulation server serves (name or path)."""
     ip: str = "127.0.0.1:6001"
@@ -132,7 +134,8 @@ class SearchConfig:
     concurrency: int = 64
     """Most simulation requests in flight at once."""
     corpus: str = ""
-    """JSONL passage corpus for `wiki` search (BM25, in process)."""
+    """JSONL passage corpus (`.jsonl` or `.jsonl.gz`) for `wiki` search (BM25, in process); `default` = the
+    bundled 2WikiMultiHopQA corpus, which answers the bundled held-out questions."""
     retriever_url: str = ""
     """URL of a Search-R1 style `/retrieve` server for `wiki` search, instead of `corpus`."""
 
@@ -140,7 +143,8 @@ class SearchConfig:
 @dataclass
 class AlgorithmConfig:
     adv_estimator: str = "grpo"
-    """Advantage estimator: `grpo`, `gae` (PPO), `reinforce_plus_plus` or `rloo`."""
+    """Advantage estimator: `grpo`, `gae` (PPO), `reinforce` (upstream's: the outcome on every token, no baseline),
+    `reinforce_plus_plus` or `rloo`."""
     gamma: float = 1.0
     """Discount factor (gae, reinforce_plus_plus)."""
     lam: float = 1.0
@@ -169,8 +173,9 @@ class AlgorithmConfig:
 class ActorConfig:
     lr: float = 1e-6
     """Actor learning rate."""
-    lr_warmup_steps: int = 0
-    """Linear warm-up steps of the learning rate."""
+    lr_warmup_steps_ratio: float = 0.0
+    """Linear learning-rate warm-up over `int(ratio * trainer.total_steps)` steps (upstream: 0.95 for GRPO and
+    REINFORCE, 0.285 for PPO)."""
     weight_decay: float = 0.01
     """AdamW weight decay."""
     ppo_epochs: int = 1
@@ -185,8 +190,9 @@ class ActorConfig:
     """PPO clip range."""
     dual_clip_c: float = 0.0
     """Dual-clip constant c (> 1 enables it; 0 disables)."""
-    entropy_coeff: float = 0.0
-    """Entropy bonus coefficient."""
+    entropy_coeff: float = 0.001
+    """Entropy bonus: `entropy_coeff` x the entropy (at the rollout temperature) is subtracted from the actor
+    loss, with its gradient (0 = off, and the entropy is then only logged). 0.001 as upstream."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     loss_agg_mode: str = "token-mean"
@@ -199,8 +205,8 @@ class CriticConfig:
     """Value model initialisation (empty = the policy model)."""
     lr: float = 1e-5
     """Critic learning rate."""
-    lr_warmup_steps: int = 0
-    """Linear warm-up steps of the critic learning rate."""
+    lr_warmup_steps_ratio: float = 0.0
+    """Linear warm-up of the critic learning rate over `int(ratio * trainer.total_steps)` steps (upstream PPO: 0.015)."""
     cliprange_value: float = 0.5
     """Value clip range."""
 
@@ -244,6 +250,10 @@ class TrainerConfig:
     """Validate every this many steps (0 = never; -1 = also before training)."""
     val_before_train: bool = True
     """Validate once before the first step."""
+    val_search: str = "engine"
+    """What validation searches: `engine` (the real `search.engine`: metrics `val/...`, the held-out numbers of
+    summary.json), `simulator` (the training simulator with useful documents: metrics `val_oracle/...`; its
+    prompt holds the gold answer, so these are oracle scores), or `both`."""
     resume: str = "auto"
     """`auto` continues from the latest checkpoint in the run directory, `never` starts over, or a path."""
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
@@ -396,7 +406,18 @@ def validate(cfg: Config) -> None:
            "a simulated search needs a server address; set IP 127.0.0.1:6001")
     if s.mode == "wiki":
         _check(bool(s.corpus or s.retriever_url), "search.corpus",
-               "wiki search needs search.corpus=PATH.jsonl or search.retriever_url=http://host:port/retrieve")
+               "wiki search needs search.corpus=PATH.jsonl (`default`: the bundled 2WikiMultiHopQA corpus) or "
+               "search.retriever_url=http://host:port/retrieve")
+    _one_of(t.val_search, VAL_SEARCHES, "trainer.val_search")
+    if t.test_freq != 0 and t.val_search != "simulator" and s.engine == "wiki":
+        _check(bool(s.corpus or s.retriever_url), "search.corpus",
+               "validation searches SEARCH_ENGINE wiki, which needs search.corpus=PATH.jsonl (`default`: the bundled "
+               "2WikiMultiHopQA corpus) or search.retriever_url=http://host:port/retrieve; or set SEARCH_ENGINE google, "
+               "or trainer.test_freq=0 (no validation)")
+    if t.test_freq != 0 and t.val_search != "engine":
+        _check(s.mode.startswith("simulate"), "trainer.val_search",
+               f"'{t.val_search}' validates through the training simulator, but search.mode is '{s.mode}'; "
+               "use trainer.val_search=engine")
     _one_of(cfg.model.autocast_dtype, ("", "bfloat16", "float16"), "model.autocast_dtype")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     _one_of(r.engine, POLICY_ENGINES, "rollout.engine")
@@ -414,6 +435,9 @@ def validate(cfg: Config) -> None:
            "must be >= 0, and format_score + retrieval_score < 1 (a correct answer must pay most)")
     _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0 (it is a penalty toward the reference policy)")
     _check(0 < act.lr < 1, "actor.lr", f"{act.lr} is not a usable learning rate; upstream uses 1e-6")
+    for key, ratio in (("actor.lr_warmup_steps_ratio", act.lr_warmup_steps_ratio),
+                       ("critic.lr_warmup_steps_ratio", cfg.critic.lr_warmup_steps_ratio)):
+        _check(0.0 <= ratio <= 1.0, key, f"{ratio} is a share of trainer.total_steps; use a value in [0, 1]")
     _check(act.ppo_epochs >= 1 and act.ppo_mini_batch_size >= 1 and act.micro_batch_size >= 1, "actor",
            "ppo_epochs, ppo_mini_batch_size and micro_batch_size must be >= 1")
     _check(act.dual_clip_c == 0 or act.dual_clip_c > 1, "actor.dual_clip_c", "must be 0 (off) or > 1")

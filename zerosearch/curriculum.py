@@ -8,6 +8,10 @@ with an exponential schedule,
 where i is the training step, m the number of steps over which it ramps, p_s/p_e the start and end
 probabilities and b the base (4 in the paper). For b > 1 the ramp is slow at first and fast at the end.
 After step m the probability stays at p_e.
+
+The trainer counts steps as upstream does (its ``global_steps`` starts at 1): training step k = 1..m
+uses p_k, so the first step trains slightly above p_s and the last one at p_e. i = 0 (p_s) is the
+probability before any training, e.g. for ``zerosearch rollout`` at its default ``--step 0``.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class NoiseCurriculum:
     base: float = 4.0
     """Base b of the exponential ramp; > 1 ramps slowly first, 0 < b < 1 ramps quickly first."""
     step: int = 0
-    """Training steps taken so far."""
+    """The current training step (0 before the first); the trainer sets it to k while it trains step k."""
 
     def __post_init__(self) -> None:
         _check_schedule(self.total_steps, self.start, self.end, self.base)

@@ -1,7 +1,7 @@
 """`zerosearch eval`: EM / F1 of a policy over QA sets, with any search backend.
 
     zerosearch eval --model PATH --data FILE_OR_DIR [FILE_OR_DIR ...]
-                    --search simulate_prompt|simulate_sft|wiki|google [--corpus FILE]
+                    [--search wiki|google|simulate_prompt|simulate_sft] [--corpus FILE]
                     [--method agent|direct|rag] [--limit N] [--output DIR]
                     [--ip HOST:PORT] [--simulation-llm NAME] [--engine vllm|hf]
                     [--max-turns N] [--topk K] [--config cpu] [key=value ...]
@@ -14,8 +14,11 @@ Methods:
 * ``rag`` — one retrieval for the question with ``--search``, its documents put into
   ``templates/rag_prompt.txt``, then one generation.
 
-A simulated search starts (and afterwards stops) a simulation server when nothing listens at
-``--ip``, exactly as training does (``rollout.factory.start_search``).
+``--search`` defaults to the real engine of the config (``search.engine``: BM25 over the bundled
+corpus for ``--config cpu``), as upstream evaluates. A simulated search is an oracle, not an
+evaluation: the simulator writes its useful documents from the gold answer; the outputs say so
+(``simulator_saw_answer`` in summary.json, a note under results.md). It starts (and afterwards stops) a
+simulation server when nothing listens at ``--ip``, exactly as training does (``rollout.factory.start_search``).
 
 Output (``--output``, default ``runs/eval-<timestamp>``): ``predictions.jsonl`` (one row per
 question), ``results.json`` / ``results.md`` (the table printed at the end: one row per dataset and
@@ -39,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from zerosearch.config import SEARCH_MODES, Config, ConfigError, load_config, save_config
-from zerosearch.data import DataFormatError, QASample, build_prompt, load_qa_file
+from zerosearch.data import DataFormatError, QASample, build_prompt, load_qa_file, resolve_corpus
+from zerosearch.search.google import API_KEY_ENV
 
 logger = logging.getLogger("zerosearch.eval")
 
@@ -66,6 +70,8 @@ _DATASET_PREFIXES = (
     ("nq", "NQ"),
 )
 AVERAGE = "Average"
+SIMULATOR_NOTE = ("Searched with the simulator, which writes its useful documents from the gold answer: these are "
+                  "oracle scores, not held-out numbers. Evaluate with a real engine: --search wiki or google.")
 
 
 class EvalUsageError(Exception):
@@ -208,11 +214,13 @@ def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     return [a for a in argv if not _OVERRIDE_RE.match(a)], overrides
 
 
-def add_stack_args(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `eval` and `infer`: the model, the search backend, the engine."""
+def add_stack_args(parser: argparse.ArgumentParser, search_default: str = "search.mode") -> None:
+    """Options shared by `eval` and `infer`: the model, the search backend, the engine.
+
+    `search_default`: the config field `--search` defaults to (`build_config` applies it)."""
     parser.add_argument("--model", help="policy model: a local HF folder, a hub id or smollm2-135m-instruct "
                                         "(default: model.path of --config)")
-    parser.add_argument("--search", choices=SEARCH_MODES, help="search backend (default: search.mode of --config)")
+    parser.add_argument("--search", choices=SEARCH_MODES, help=f"search backend (default: {search_default} of --config)")
     parser.add_argument("--corpus", help="JSONL passage corpus for --search wiki (BM25 in process)")
     parser.add_argument("--ip", help="simulation server(s), host:port[,host:port...]; a local one is started "
                                      "when nothing listens there, and stopped at the end")
@@ -238,21 +246,21 @@ def stack_overrides(args: argparse.Namespace) -> list[str]:
     return [f"{key}={value}" for key, value in flags.items() if value is not None]
 
 
-def build_config(args: argparse.Namespace, overrides: list[str], uses_search: bool = True) -> Config:
-    """Config from `--config` + flags + `key=value` overrides; search inputs checked when used."""
+def build_config(args: argparse.Namespace, overrides: list[str], uses_search: bool = True,
+                 search_default: str = "search.mode") -> Config:
+    """Config from `--config` + flags + `key=value` overrides; search inputs checked when used.
+
+    Without `--search` (or a `search.mode=` override) the search is `search_default`: `search.mode`, or
+    `search.engine` (the real engine) for `eval`."""
     flag_overrides = stack_overrides(args)
     if not uses_search:  # `--method direct`: the search flags do not matter, so they cannot fail
         flag_overrides = [o for o in flag_overrides if not o.startswith("search.")]
     all_overrides = flag_overrides + overrides
-    if uses_search and args.search == "wiki" and not args.corpus and not any(
-        o.startswith(("search.corpus=", "search.retriever_url=")) for o in overrides
-    ):
-        raise EvalUsageError(
-            "--search wiki needs --corpus FILE.jsonl (a passage corpus, e.g. shared/data/qa/corpus/"
-            "hipporag_2wiki_corpus_6119.jsonl) or search.retriever_url=http://host:port/retrieve"
-        )
     try:
         cfg = load_config(args.config, all_overrides)
+        if (uses_search and search_default == "search.engine" and args.search is None
+                and not any(o.startswith("search.mode=") for o in overrides)):
+            cfg = load_config(args.config, [f"search.mode={cfg.search.engine}", *all_overrides])
     except ConfigError as e:
         raise EvalUsageError(str(e)) from None
     if uses_search:
@@ -275,12 +283,16 @@ def check_search_inputs(cfg: Config) -> None:
         if any(host in LOCAL_HOSTS and not is_listening(host, port) for host, port in addresses):
             check_model(s.simulation_llm, "--simulation-llm")
     if s.mode == "wiki" and not s.retriever_url:
-        corpus = Path(s.corpus).expanduser()
+        corpus = Path(resolve_corpus(s.corpus)).expanduser()
         if not corpus.is_file():
             raise EvalUsageError(
                 f"--corpus {s.corpus}: no such file; give a JSONL passage corpus (one {{\"id\", \"contents\"}} "
-                "object per line), e.g. shared/data/qa/corpus/hipporag_2wiki_corpus_6119.jsonl"
+                "object per line), e.g. shared/data/qa/corpus/hipporag_2wiki_corpus_6119.jsonl, or `default` "
+                "(the bundled one)"
             )
+    if s.mode == "google" and not os.environ.get(API_KEY_ENV):
+        raise EvalUsageError(f"--search google needs a SerpAPI key in {API_KEY_ENV} (export {API_KEY_ENV}=...); "
+                             "or search a local corpus with --search wiki --corpus FILE.jsonl")
 
 
 def _looks_local(name: str) -> bool:
@@ -322,7 +334,7 @@ def check_model(name: str, flag: str = "--model") -> None:
 def _parse_eval_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     words, overrides = split_overrides(argv)
     parser = _Parser(prog="zerosearch eval", description="EM/F1 of a policy over QA sets with a search backend.")
-    add_stack_args(parser)
+    add_stack_args(parser, search_default="search.engine")
     parser.add_argument("--data", nargs="+", required=True,
                         help="QA files (.jsonl/.parquet) or folders (their test*/dev* files)")
     parser.add_argument("--method", default="agent", choices=METHODS,
@@ -461,7 +473,8 @@ def write_outputs(out_dir: Path, rows: list[dict], table: list[dict], summary: d
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     tmp.replace(out_dir / "predictions.jsonl")
     _write_json(out_dir / "results.json", table)
-    (out_dir / "results.md").write_text(format_table(table) + "\n", encoding="utf-8")
+    note = f"\n{SIMULATOR_NOTE}\n" if summary.get("simulator_saw_answer") else ""
+    (out_dir / "results.md").write_text(format_table(table) + "\n" + note, encoding="utf-8")
     _write_json(out_dir / "summary.json", summary)
 
 
@@ -476,7 +489,7 @@ def eval_main(argv: list[str]) -> int:
     keep_stdout_for_results()
     try:
         args, overrides = _parse_eval_args(argv)
-        cfg = build_config(args, overrides, uses_search=args.method != "direct")
+        cfg = build_config(args, overrides, uses_search=args.method != "direct", search_default="search.engine")
         samples = load_eval_samples(args.data, args.limit)
         if cfg.data.prompt_template and args.method == "agent":  # the prompt the policy was trained with
             samples = [dataclasses.replace(s, prompt=build_prompt(s.question, cfg.data.prompt_template))
@@ -497,11 +510,17 @@ def eval_main(argv: list[str]) -> int:
     started = time.perf_counter()
     rows, run_stats = run_eval(cfg, samples, args.method, out_dir)
     table = aggregate(rows)
+    from zerosearch.rollout.factory import describe_search
+
+    searched = args.method != "direct"
     summary = {
         "method": args.method,
         "model": cfg.model.path,
-        "search": "none" if args.method == "direct" else cfg.search.mode,
-        "corpus": cfg.search.corpus if cfg.search.mode == "wiki" and args.method != "direct" else None,
+        "search": cfg.search.mode if searched else "none",
+        "search_backend": describe_search(cfg, cfg.search.mode) if searched else None,
+        # the simulator writes its useful documents from the gold answer: an oracle score, not an evaluation
+        "simulator_saw_answer": searched and cfg.search.mode.startswith("simulate"),
+        "corpus": resolve_corpus(cfg.search.corpus) if cfg.search.mode == "wiki" and searched else None,
         "engine": cfg.rollout.engine,
         "max_turns": cfg.rollout.max_turns if args.method == "agent" else 0,
         "data": list(args.data),
@@ -514,6 +533,8 @@ def eval_main(argv: list[str]) -> int:
     }
     write_outputs(out_dir, rows, table, summary)
     print(format_table(table))
+    if summary["simulator_saw_answer"]:
+        print(f"\n{SIMULATOR_NOTE}")
     print(f"\nwrote {out_dir}/predictions.jsonl, results.md, results.json, summary.json "
           f"({summary['wall_s']:.1f}s)")
     return 0

@@ -96,18 +96,37 @@ def compute_score(
     }
 
 
-_INFORMATION = re.compile(r"<information>(.*?)</information>", re.DOTALL)
+def retrieval_hit(documents: Sequence[str], golden_answers: str | Sequence[str]) -> bool:
+    """Whether a gold answer appears (normalised, as whole words) in any of ``documents``: Search-R1's
+    ``is_retrieval_correct``, for its ``retrieval_score`` and as a metric.
 
-
-def retrieval_hit(response_text: str, golden_answers: str | Sequence[str]) -> bool:
-    """Whether a gold answer appears (normalised) in any ``<information>`` block of the response:
-    Search-R1's ``is_retrieval_correct``, for its ``retrieval_score`` and as a simulator metric."""
+    ``documents`` are the texts the search backend returned to the trajectory (``Trajectory.documents``),
+    never the response text: a policy that writes ``<information>Paris</information>`` itself must not
+    count as having retrieved the answer.
+    """
+    if isinstance(documents, str):
+        raise TypeError("retrieval_hit takes the list of returned documents (Trajectory.documents), not a text")
     golds = [normalize_answer(g) for g in _as_list(golden_answers)]
-    for block in _INFORMATION.findall(response_text):
-        text = f" {normalize_answer(block)} "
+    for document in documents:
+        text = f" {normalize_answer(document)} "
         if any(g and f" {g} " in text for g in golds):
             return True
     return False
+
+
+def shaped_reward(answer_score: float, has_answer: bool, retrieved_gold: bool, format_score: float = 0.0,
+                  retrieval_score: float = 0.0) -> float:
+    """Search-R1's shaping (``compute_score_em`` in its ``qa_em_format.py``) on top of the answer score.
+
+    A trajectory with a valid answer (a complete ``<answer>`` block of its own tokens) earns at least
+    ``format_score``, plus ``retrieval_score`` when a document the search engine returned to it held a gold
+    answer (``retrieved_gold``, see :func:`retrieval_hit`); a better answer score wins. A trajectory without
+    an answer gets its answer score (0) and neither bonus, as in Search-R1, where both need a valid sequence
+    that ends in an answer. With both scores 0 this is the plain F1/EM reward (ZeroSearch).
+    """
+    if not has_answer:
+        return answer_score
+    return max(answer_score, format_score + retrieval_score * retrieved_gold)
 
 
 def _as_list(golden_answers: str | Sequence[str]) -> list[str]:

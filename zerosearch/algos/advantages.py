@@ -88,12 +88,13 @@ def grpo_advantages(
 
     The std is the unbiased one (Bessel's correction, ``torch.std``'s default), as in verl. A group of
     one sample gets advantage 0 (mean = its score, std taken as 1); verl instead uses mean 0 there,
-    which hands a lone sample its raw score. ``norm_by_std=False`` only centres (Dr. GRPO).
+    which hands a lone sample its raw score. A group whose rewards are all equal gets exactly 0 at any
+    size. ``norm_by_std=False`` only centres (Dr. GRPO).
     """
     scores = scores.to(_float_dtype(scores))  # [batch]
     index = group_index(group_ids, scores.shape[0]).to(scores.device)  # [batch]
     count, mean = _group_count_mean(scores, index)  # [batch], [batch]
-    centred = scores - mean  # [batch]
+    centred = torch.where(_constant_group(scores, index), 0.0, scores - mean)  # [batch]
     if not norm_by_std:
         return centred
     sq_sum = torch.zeros_like(scores).index_add_(0, index, centred**2)[index]  # [batch] (index < batch)
@@ -107,7 +108,7 @@ def rloo_advantages(scores: Tensor, group_ids: Tensor | Sequence) -> Tensor:
     index = group_index(group_ids, scores.shape[0]).to(scores.device)  # [batch]
     count, mean = _group_count_mean(scores, index)  # [batch], [batch]
     others_mean = (mean * count - scores) / (count - 1).clamp_min(1)  # [batch]
-    return torch.where(count > 1, scores - others_mean, 0.0)  # [batch]
+    return torch.where(_constant_group(scores, index), 0.0, scores - others_mean)  # [batch] (a group of one is constant)
 
 
 def discounted_returns(token_rewards: Tensor, response_mask: Tensor, gamma: float = 1.0) -> Tensor:
@@ -237,5 +238,33 @@ def _group_count_mean(scores: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
     return count[index], (total / count)[index]  # [batch], [batch]
 
 
+def _constant_group(scores: Tensor, index: Tensor) -> Tensor:
+    """Whether each sample's group holds one reward value only. Its advantage must then be exactly 0, but the
+    float mean of n equal rewards need not equal them (in fp32 the mean of eight 0.1 is 0.10000001), and GRPO's
+    division by a std of the same rounding size blew that up to |0.1|."""
+    n_groups = int(index.max()) + 1 if index.numel() else 0
+    empty = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device)
+    low = empty.scatter_reduce(0, index, scores, "amin", include_self=False)  # [groups]
+    high = empty.scatter_reduce(0, index, scores, "amax", include_self=False)  # [groups]
+    return (low == high)[index]  # [batch]
+
+
 def _float_dtype(t: Tensor) -> torch.dtype:
     return t.dtype if t.is_floating_point() else torch.float32
+
+
+@register_advantage("reinforce")
+def compute_reinforce_advantage(
+    token_rewards: Tensor,
+    response_mask: Tensor,
+    group_ids: Tensor | Sequence | None = None,
+    values: Tensor | None = None,
+    gamma: float = 1.0,
+    lam: float = 1.0,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor]:
+    """Upstream ZeroSearch's REINFORCE (``compute_reinforce_outcome_advantage``): each sequence's summed reward
+    on every valid token, no baseline, no whitening; returns == advantages. REINFORCE++ is ``reinforce_plus_plus``."""
+    scores = _sequence_scores(token_rewards, response_mask)  # [batch]
+    adv = torch.where(response_mask.bool(), scores[:, None], 0.0)  # [batch, seq]
+    return adv, adv

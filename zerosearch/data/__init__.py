@@ -4,9 +4,11 @@ from zerosearch.data.qa import (
     DataFormatError,
     QASample,
     build_prompt,
+    default_corpus_path,
     default_data_dir,
     load_qa_file,
     load_split,
+    resolve_corpus,
 )
 from zerosearch.data.sampler import PromptSampler
 
@@ -15,7 +17,9 @@ __all__ = [
     "PromptSampler",
     "QASample",
     "build_prompt",
+    "default_corpus_path",
     "default_data_dir",
     "load_qa_file",
     "load_split",
+    "resolve_corpus",
 ]

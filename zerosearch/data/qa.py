@@ -89,8 +89,20 @@ def build_prompt(question: str, template: str = "") -> list[dict]:
 
 
 def default_data_dir() -> Path:
-    """The bundled demo dataset (`train.parquet`, `test.parquet`): samples of NQ and HotpotQA."""
+    """The bundled demo dataset: `train.parquet` (NQ, HotpotQA, 2WikiMultiHopQA), `test.parquet` (held-out
+    2WikiMultiHopQA questions) and the passage corpus those can be answered from."""
     return Path(__file__).parent / "default"
+
+
+def default_corpus_path() -> Path:
+    """The bundled passage corpus (`search.corpus: default`): the Wikipedia paragraphs behind the bundled
+    2WikiMultiHopQA questions, gzipped JSONL."""
+    return default_data_dir() / "hipporag_2wiki_corpus_6119.jsonl.gz"
+
+
+def resolve_corpus(corpus: str | Path) -> str:
+    """A `search.corpus` value as a path: `default` is the bundled corpus, anything else is itself."""
+    return str(default_corpus_path()) if str(corpus) == "default" else str(corpus)
 
 
 # --------------------------------------------------------------------------------------------- checks

@@ -11,7 +11,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from zerosearch.config import Config
-from zerosearch.data import build_prompt, load_split
+from zerosearch.data import build_prompt, load_split, resolve_corpus
 from zerosearch.models import resolve_model_path
 from zerosearch.rollout.engines import SamplingSpec, build_policy_engine
 from zerosearch.rollout.loop import AgentLoop, LoopSettings
@@ -85,6 +85,18 @@ def start_search(cfg: Config, stack: ExitStack, log_dir: str | Path | None = Non
         backend = build_search_backend(mode, topk=s.topk)
     stack.callback(backend.close)
     return backend
+
+
+def describe_search(cfg: Config, mode: str) -> str:
+    """The search backend of `mode`, in words, for summaries: e.g. `wiki: BM25 over corpus.jsonl`."""
+    s = cfg.search
+    if mode == "wiki" and s.retriever_url:
+        return f"wiki: retriever {s.retriever_url}"
+    if mode == "wiki":
+        return f"wiki: BM25 over {Path(resolve_corpus(s.corpus)).name}"
+    if mode == "google":
+        return "google: SerpAPI"
+    return f"{mode}: simulation LLM {s.simulation_llm}, which saw the gold answer (useful documents)"
 
 
 def build_engine(cfg: Config, model_path: str | None = None, stack: ExitStack | None = None):

@@ -106,8 +106,13 @@ class AgentLoop:
     # --- one batch ---------------------------------------------------------------------------
 
     def run(self, samples, n: int, sampling: SamplingSpec, p_noisy: float, noise_seed: int = 0,
-            progress=None) -> tuple[list[Trajectory], LoopStats]:
-        """Roll out `n` trajectories per sample (`QASample`s); returns them in sample order."""
+            progress=None, uid_offset: int = 0) -> tuple[list[Trajectory], LoopStats]:
+        """Roll out `n` trajectories per sample (`QASample`s); returns them in sample order.
+
+        `uid_offset`: the batch-wide index of this call's first trajectory (a data-parallel rank's first
+        prompt times `n`). Noise draws and sampling seeds are keyed on `uid_offset + uid`, so every
+        trajectory gets its own draws, the same whatever the number of ranks the batch is split over.
+        """
         trajs = []
         for group, sample in enumerate(samples):
             prompt_ids = encode_prompt(self.tokenizer, sample.prompt)
@@ -118,7 +123,7 @@ class AgentLoop:
                 )
             for _ in range(n):
                 trajs.append(Trajectory(len(trajs), group, sample.question, list(sample.golden_answers), prompt_ids))
-        self._sampling, self._p_noisy, self._noise_seed = sampling, p_noisy, noise_seed
+        self._sampling, self._p_noisy, self._noise_seed, self._uid_offset = sampling, p_noisy, noise_seed, uid_offset
         self._stats = stats = LoopStats()
         self._trajs, self._progress = trajs, progress
         pending: dict[Future, tuple[Trajectory, float]] = {}
@@ -164,7 +169,8 @@ class AgentLoop:
         sampling = dataclasses.replace(
             self._sampling,
             max_tokens=min(self.settings.max_response_length, budget),
-            seed=None if self._sampling.seed is None else self._sampling.seed + traj.uid * 1009 + traj.turns,
+            seed=None if self._sampling.seed is None else
+            self._sampling.seed + (self._uid_offset + traj.uid) * 1009 + traj.turns,
         )
         self.engine.submit(f"{traj.uid}/{traj.turns}", traj.prompt_ids + traj.response_ids, sampling)
 
@@ -181,8 +187,10 @@ class AgentLoop:
             return self._finish(traj, "length")
         if action.kind == "search":
             traj.num_searches += 1
-            # One draw per (seed, trajectory, search): reproducible whatever order searches finish in.
-            noisy = random.Random(f"{self._noise_seed}/{traj.uid}/{traj.num_searches}").random() < self._p_noisy
+            # One draw per (seed, trajectory, search): reproducible whatever order searches finish in, and
+            # keyed on the batch-wide index so that trajectory i of each rank does not share rank 0's draws.
+            key = f"{self._noise_seed}/{self._uid_offset + traj.uid}/{traj.num_searches}"
+            noisy = random.Random(key).random() < self._p_noisy
             traj.noisy_flags.append(noisy)
             traj.queries.append(action.content)
             request = SearchRequest(query=action.content, question=traj.question,
@@ -199,9 +207,12 @@ class AgentLoop:
         if result.noisy is None and traj.noisy_flags:
             traj.noisy_flags[-1] = None  # a real search engine: no useful/noisy split
         doc_ids = self.tokenizer.encode(result.text, add_special_tokens=False)
+        document = result.text
         if len(doc_ids) > self.settings.max_obs_length:
             doc_ids = doc_ids[: self.settings.max_obs_length]
             traj.obs_truncated += 1
+            document = self.tokenizer.decode(doc_ids)  # only what the policy saw can count as retrieved
+        traj.documents.append(document)
         traj.append_observation(self._info_prefix_ids + doc_ids + self._info_suffix_ids)
         self._submit_turn(traj)
 

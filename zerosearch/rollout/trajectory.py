@@ -32,10 +32,16 @@ class Trajectory:
     obs_truncated: int = 0
     noisy_flags: list[bool | None] = field(default_factory=list)
     queries: list[str] = field(default_factory=list)
+    documents: list[str] = field(default_factory=list)
+    """What the search backend returned, one text per search, as appended (cut where the observation was
+    truncated). Only these count as retrieved for the reward, never `<information>` text the policy wrote."""
     answer: str | None = None
     finish_reason: str = ""
     """`answer`, `max_turns`, `length` (token budget) or `error`."""
     response_text: str = ""
+    train_observations: bool = False
+    """The ablation `algorithm.mask_retrieved_tokens=False`, set once by the trainer: observation tokens
+    carry loss too. Read it only through `train_mask`."""
 
     @property
     def done(self) -> bool:
@@ -44,6 +50,12 @@ class Trajectory:
     @property
     def num_policy_tokens(self) -> int:
         return sum(self.loss_mask)
+
+    @property
+    def train_mask(self) -> list[int]:
+        """1 on the response tokens that carry loss: the one place that decides it for the actor's and the
+        critic's losses and their normalisers, the advantages and the metrics."""
+        return [1] * len(self.response_ids) if self.train_observations else self.loss_mask
 
     def append_policy(self, token_ids: list[int], logprobs: list[float]) -> None:
         assert len(token_ids) == len(logprobs), "one log-prob per sampled token"
@@ -77,5 +89,6 @@ class Trajectory:
             "finish_reason": self.finish_reason,
             "noisy_flags": self.noisy_flags,
             "queries": self.queries,
+            "documents": self.documents,
             "obs_truncated": self.obs_truncated,
         }

@@ -20,6 +20,7 @@ FlashRAG), ``{"id", "title", "contents"}`` (HippoRAG; the title is put on the fi
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import logging
 import threading
@@ -74,7 +75,8 @@ def _row_to_doc(row: Any, path: Path, lineno: int) -> dict[str, str]:
 
 
 def read_corpus(path: str | Path) -> list[dict[str, str]]:
-    """Read a JSONL passage corpus into Search-R1 documents ``{"id", "contents": "title\\ntext"}``."""
+    """Read a JSONL passage corpus (``.jsonl``, or gzipped ``.jsonl.gz``) into Search-R1 documents
+    ``{"id", "contents": "title\\ntext"}``."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
@@ -83,7 +85,8 @@ def read_corpus(path: str | Path) -> list[dict[str, str]]:
             "running Search-R1 retriever"
         )
     docs = []
-    with open(path, encoding="utf-8") as f:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -397,7 +400,9 @@ def _build_wiki(
     if corpus and retriever_url:
         raise ValueError("wiki search takes corpus=PATH (in-process BM25) or retriever_url=URL, not both")
     if corpus:
-        return BM25Search(corpus, topk=topk, **options)
+        from zerosearch.data import resolve_corpus
+
+        return BM25Search(resolve_corpus(corpus), topk=topk, **options)
     if retriever_url:
         return RetrieverClient(retriever_url, topk=topk, **options)
     raise ValueError(
@@ -408,12 +413,15 @@ def _build_wiki(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Serve Search-R1's /retrieve API with BM25 over a JSONL corpus.")
-    parser.add_argument("--corpus", required=True, help="JSONL passage corpus")
+    parser.add_argument("--corpus", required=True,
+                        help="JSONL passage corpus (.jsonl or .jsonl.gz; `default`: the bundled one)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--topk", type=int, default=3, help="default topk when a request gives none")
     args = parser.parse_args(argv)
-    serve_retriever(args.corpus, host=args.host, port=args.port, topk=args.topk)
+    from zerosearch.data import resolve_corpus
+
+    serve_retriever(resolve_corpus(args.corpus), host=args.host, port=args.port, topk=args.topk)
     return 0
 
 

@@ -10,8 +10,10 @@ Two modes, as in ZeroSearch:
 Both talk ``/v1/chat/completions`` with an empty system message and the filled template as the user
 message, exactly as upstream's simulator client does, so sglang (GPU) and vLLM (CPU or GPU) servers
 both work. The templates are data, in ``templates/simulate_{prompt,sft}_{useful,noisy}.txt``, filled
-with ``{query}``, ``{question}``, ``{answer}`` (gold answers joined with " or "), ``{topk}`` and
-``{topk_word}`` ("five" for 5, as upstream's prompts spell it).
+with ``{query}``, ``{question}``, ``{answer}``, ``{topk}`` and ``{topk_word}`` ("five" for 5, as upstream's
+prompts spell it). ``{answer}`` is the first gold answer in ``sft`` mode, exactly as upstream's fine-tuned
+simulators were trained (its ``_search`` passes ``ground_truth[index][0]``); ``prompt`` mode joins all of
+them with " or ".
 
 Upstream retries a failed call forever and hides the error; here each request has a timeout and at
 most ``max_retries`` logged retries with exponential backoff (rotating to the next server), after
@@ -117,10 +119,13 @@ def load_templates(mode: str, template_dir: str | Path | None = None) -> dict[bo
     return out
 
 
-def fill_template(template: str, request: SearchRequest, topk: int) -> str:
+def fill_template(template: str, request: SearchRequest, topk: int, mode: str = "prompt") -> str:
+    """The simulator's prompt for one request; ``mode`` "sft" names only the first gold answer (see above)."""
     answers = request.golden_answers
     if isinstance(answers, str):
         answers = [answers]
+    if mode == "sft":
+        answers = list(answers)[:1]  # the input format the SFT simulators were fine-tuned on
     answer = " or ".join(str(a) for a in answers)
     topk_word = _NUMBER_WORDS[topk] if 0 <= topk < len(_NUMBER_WORDS) else str(topk)
     return template.format(
@@ -280,7 +285,7 @@ class SimulatedSearch:
 
     async def _search_one(self, request: SearchRequest, start: int) -> SearchResult:
         noisy = bool(request.noisy)
-        prompt = fill_template(self.templates[noisy], request, self.topk)
+        prompt = fill_template(self.templates[noisy], request, self.topk, self.mode)
         self._stats.add("search/queries")
         n = len(self.urls)
 

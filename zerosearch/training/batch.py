@@ -21,7 +21,7 @@ class Batch:
     prompt_lens: torch.Tensor  # [B]
     response_ids: torch.Tensor  # [B, R]
     response_mask: torch.Tensor  # [B, R] 1 on every real response token
-    loss_mask: torch.Tensor  # [B, R] 1 on tokens that carry gradient (policy tokens; all when unmasked)
+    train_mask: torch.Tensor  # [B, R] 1 on tokens that carry loss: `Trajectory.train_mask`
 
     @property
     def predict_positions(self) -> torch.Tensor:
@@ -31,8 +31,8 @@ class Batch:
         return pos.clamp(max=self.input_ids.shape[1] - 1)
 
 
-def collate(trajs: list[Trajectory], pad_id: int, mask_retrieved: bool = True) -> Batch:
-    """Pad a list of trajectories. `mask_retrieved=False` is the ablation: observation tokens train too."""
+def collate(trajs: list[Trajectory], pad_id: int) -> Batch:
+    """Pad a list of trajectories; which tokens carry loss is each trajectory's `train_mask`."""
     B = len(trajs)
     L = max(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
     R = max(max(len(t.response_ids) for t in trajs), 1)
@@ -40,7 +40,7 @@ def collate(trajs: list[Trajectory], pad_id: int, mask_retrieved: bool = True) -
     attention_mask = torch.zeros((B, L), dtype=torch.long)
     response_ids = torch.full((B, R), pad_id, dtype=torch.long)
     response_mask = torch.zeros((B, R), dtype=torch.float32)
-    loss_mask = torch.zeros((B, R), dtype=torch.float32)
+    train_mask = torch.zeros((B, R), dtype=torch.float32)
     prompt_lens = torch.tensor([len(t.prompt_ids) for t in trajs], dtype=torch.long)
     for b, t in enumerate(trajs):
         seq = t.prompt_ids + t.response_ids
@@ -50,8 +50,25 @@ def collate(trajs: list[Trajectory], pad_id: int, mask_retrieved: bool = True) -
         if n:
             response_ids[b, :n] = torch.tensor(t.response_ids)
             response_mask[b, :n] = 1.0
-            loss_mask[b, :n] = torch.tensor(t.loss_mask, dtype=torch.float32) if mask_retrieved else 1.0
-    return Batch(input_ids, attention_mask, prompt_lens, response_ids, response_mask, loss_mask)
+            train_mask[b, :n] = torch.tensor(t.train_mask, dtype=torch.float32)
+    return Batch(input_ids, attention_mask, prompt_lens, response_ids, response_mask, train_mask)
+
+
+def loss_totals(trajs: list[Trajectory]) -> tuple[int, int]:
+    """What a mini-batch's loss averages over: its loss-carrying tokens, and its sequences with at least one."""
+    masks = [t.train_mask for t in trajs]
+    return sum(sum(m) for m in masks), sum(1 for m in masks if any(m))
+
+
+def loss_weight(train_mask: torch.Tensor, tokens: int, sequences: int, agg: str) -> float:
+    """The weight of one micro-batch's loss, aggregated by `agg` over its own `train_mask` [B, R], in the loss
+    of its mini-batch of `tokens` loss-carrying tokens in `sequences` sequences (`loss_totals`): its share of
+    the tokens (`token-mean`) or of the sequences (the `seq-mean-*` modes). Summed over the micro-batches the
+    weighted losses are the mini-batch's loss in one pass; with `token-mean` and `seq-mean-token-mean` each
+    token's weight in it is then 1/tokens, or 1/(sequences x its sequence's tokens), summing to 1."""
+    if agg == "token-mean":
+        return float(train_mask.sum()) / max(tokens, 1)
+    return float(train_mask.bool().any(-1).sum()) / max(sequences, 1)
 
 
 def micro_batches(lengths: list[int], max_tokens: int, max_size: int) -> list[list[int]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from zerosearch.algos import get_advantage_estimator, outcome_to_token_rewards
+from zerosearch.algos import get_advantage_estimator, kl_penalty, outcome_to_token_rewards
 from zerosearch.config import Config, save_config
 from zerosearch.curriculum import NoiseCurriculum
 from zerosearch.data import PromptSampler
@@ -168,13 +168,14 @@ def gpu_placement(ray, cfg: Config, world: int, stack: ExitStack):
 
 def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0,
           retrieval_score: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """The reward of each trajectory: F1 or EM of its answer, floored at `format_score` when it answered
-    plus `retrieval_score` when a retrieved document held a gold answer (Search-R1's shaping)."""
-    from zerosearch.rewards import retrieval_hit
+    """The reward of each trajectory: F1 or EM of its answer with Search-R1's shaping (`rewards.shaped_reward`):
+    an answered trajectory earns at least `format_score`, plus `retrieval_score` when a document the search
+    backend returned to it held a gold answer."""
+    from zerosearch.rewards import retrieval_hit, shaped_reward
 
     scores = [t.score() for t in trajs]
-    hits = [retrieval_hit(t.response_text, t.golden_answers) for t in trajs]
-    reward = torch.tensor([max(s[metric], format_score * (t.answer is not None) + retrieval_score * hit)
+    hits = [retrieval_hit(t.documents, t.golden_answers) for t in trajs]
+    reward = torch.tensor([shaped_reward(s[metric], t.answer is not None, hit, format_score, retrieval_score)
                            for s, t, hit in zip(scores, trajs, hits)], dtype=torch.float32)  # [B]
     n = max(len(trajs), 1)
     return reward, {
@@ -186,14 +187,15 @@ def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0,
 
 
 def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tensor, values, ref_lp, old_lp):
-    """Token rewards (outcome on the last policy token; PPO also -kl_coef*KL per token) -> advantages."""
+    """Token rewards (outcome on the last loss-carrying token; PPO also -kl_coef*KL per token, estimated by
+    `algorithm.kl_type`) -> advantages, over each trajectory's `train_mask`."""
     a = cfg.algorithm
     R = max(len(t.response_ids) for t in trajs)
-    mask = pad_to_grid([t.loss_mask if a.mask_retrieved_tokens else [1] * len(t.response_ids) for t in trajs], R)
+    mask = pad_to_grid([t.train_mask for t in trajs], R)  # [B, R]
     token_rewards = outcome_to_token_rewards(reward, mask)  # [B, R]
     metrics = {}
     if a.use_kl_in_reward and ref_lp is not None and old_lp is not None:
-        kl = (pad_to_grid(old_lp, R) - pad_to_grid(ref_lp, R)) * mask  # [B, R] k1 per token
+        kl = kl_penalty(pad_to_grid(old_lp, R), pad_to_grid(ref_lp, R), a.kl_type) * mask  # [B, R]
         token_rewards = token_rewards - a.kl_coef * kl
         metrics["reward/kl_penalty"] = float((kl.sum(-1)).mean())
     estimator = get_advantage_estimator(a.adv_estimator)
@@ -218,13 +220,16 @@ def search_stats(actor: WorkerGroup) -> dict[str, float]:
 _SUMMED = {"rollout/policy_tokens", "rollout/obs_tokens", "rollout/queries", "rollout/gen_tokens_per_s"}
 
 
-def rollout(actor: WorkerGroup, samples, p_noisy: float, step: int, validate: bool = False):
-    """Each actor rank rolls out its contiguous share of the prompts; group ids stay global."""
+def rollout(actor: WorkerGroup, samples, p_noisy: float, step: int, validate: bool = False, oracle: bool = False):
+    """Each actor rank rolls out its contiguous share of the prompts; group ids stay global.
+
+    `validate` searches the real engine, or the training simulator with `oracle` (ActorRolloutWorker.rollout)."""
     from zerosearch.rollout.loop import loop_metrics
 
     parts = [(samples[sl], sl.start) for sl in split(len(samples), actor.world)]
     busy = [r for r, (part, _) in enumerate(parts) if part]
-    results = actor.ray.get([actor.handles[r].rollout.remote(parts[r][0], p_noisy, step, validate) for r in busy])
+    results = actor.ray.get([actor.handles[r].rollout.remote(parts[r][0], p_noisy, step, validate, offset=parts[r][1],
+                                                             oracle=oracle) for r in busy])
     trajs, per_rank = [], []
     for r, (part_trajs, metrics) in zip(busy, results):
         for t in part_trajs:
@@ -244,16 +249,24 @@ def rollout(actor: WorkerGroup, samples, p_noisy: float, step: int, validate: bo
 
 
 def validate(actor: WorkerGroup, samples, step: int, cfg: Config) -> dict[str, float]:
-    """Greedy rollouts on the held-out split with useful documents (p_noisy = 0).
+    """Greedy rollouts on the held-out split, searching what `trainer.val_search` names.
 
-    `val/reward` is the training reward (`reward_metric` with the `format_score` floor); `val/f1` and
-    `val/em` are the pure answer scores."""
-    trajs, m = rollout(actor, samples, 0.0, step, validate=True)
-    a = cfg.algorithm
-    _, r = score(trajs, a.reward_metric, a.format_score, a.retrieval_score)
-    return {"val/reward": r["reward/mean"], "val/f1": r["reward/f1"], "val/em": r["reward/em"],
-            "val/retrieval_hit": r["reward/retrieval_hit"],
-            "val/answer_rate": m["rollout/answer_rate"], "val/searches_per_traj": m["rollout/searches_per_traj"]}
+    `val/...`: through the real engine (`search.engine`), as upstream validates. `val_oracle/...`: through
+    the training simulator with useful documents (p_noisy = 0), whose prompt holds the gold answer, so the
+    policy can copy it: an oracle score, not a held-out number. `reward` is the training reward
+    (`reward_metric` with the `format_score` floor); `f1` and `em` are the pure answer scores."""
+    out: dict[str, float] = {}
+    for prefix, oracle in (("val", False), ("val_oracle", True)):
+        if cfg.trainer.val_search not in ("both", "simulator" if oracle else "engine"):
+            continue
+        trajs, m = rollout(actor, samples, 0.0, step, validate=True, oracle=oracle)
+        a = cfg.algorithm
+        _, r = score(trajs, a.reward_metric, a.format_score, a.retrieval_score)
+        out.update({f"{prefix}/reward": r["reward/mean"], f"{prefix}/f1": r["reward/f1"],
+                    f"{prefix}/em": r["reward/em"], f"{prefix}/retrieval_hit": r["reward/retrieval_hit"],
+                    f"{prefix}/answer_rate": m["rollout/answer_rate"],
+                    f"{prefix}/searches_per_traj": m["rollout/searches_per_traj"]})
+    return out
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -279,6 +292,7 @@ def train(cfg: Config) -> dict:
         raise ValueError(f"checkpoint {resume_ckpt} was saved by {state.get('world_size', 1)} rank(s) per worker, "
                          f"this run has {world}: its optimizer state is sharded that way. Resume with "
                          f"trainer.world_size={state.get('world_size', 1)} (or as many GPUs)")
+    _check_validation_engine(cfg)
     start_step = state.get("step", 0)
     save_config(cfg, run_dir)
     logger.info("run directory %s%s", run_dir, f" (resuming from {resume_ckpt})" if resume_ckpt else "")
@@ -320,7 +334,9 @@ def train(cfg: Config) -> dict:
             val = validate(actor, val_samples, 0, cfg)
             history["val"].append({"step": 0, **val})
             tracker.log(0, val)
-            logger.info("validation before training: F1 %.4f EM %.4f", val["val/f1"], val["val/em"])
+            for prefix, searched in _validation_searches(cfg).items():
+                logger.info("validation before training (%s): F1 %.4f EM %.4f", searched, val[f"{prefix}/f1"],
+                            val[f"{prefix}/em"])
         bar = tracker.progress(t.total_steps, start_step)
         search_before = search_stats(actor)
         for step in range(start_step + 1, t.total_steps + 1):
@@ -349,18 +365,50 @@ def train(cfg: Config) -> dict:
     wall = time.time() - t_start + state.get("wall_s", 0.0)
     from zerosearch.training.summary import write_summary
 
+    searched = _validation_searches(cfg)
     return write_summary(run_dir, history, steps=cfg.trainer.total_steps, wall_s=wall, peak_rss_gib=memory.peak_gib,
-                         simulated_queries=total_queries if cfg.search.mode.startswith("simulate") else 0.0)
+                         simulated_queries=total_queries if cfg.search.mode.startswith("simulate") else 0.0,
+                         heldout_search=searched.get("val"), oracle_search=searched.get("val_oracle"))
+
+
+def _validation_searches(cfg: Config) -> dict[str, str]:
+    """Metric prefix -> the search backend validation uses under it, in words (none when it never runs)."""
+    from zerosearch.rollout.factory import describe_search
+
+    t = cfg.trainer
+    if t.test_freq == 0:
+        return {}
+    out = {}
+    if t.val_search in ("engine", "both"):
+        out["val"] = describe_search(cfg, cfg.search.engine)
+    if t.val_search in ("simulator", "both"):
+        out["val_oracle"] = describe_search(cfg, cfg.search.mode)
+    return out
+
+
+def _check_validation_engine(cfg: Config) -> None:
+    """Before anything starts: a Google validation needs its API key (config validation checked the rest)."""
+    from zerosearch.search.google import API_KEY_ENV
+
+    if "val" in _validation_searches(cfg) and cfg.search.engine == "google" and not os.environ.get(API_KEY_ENV):
+        raise ValueError(f"search.engine=google: validation searches Google through SerpAPI, which needs {API_KEY_ENV} "
+                         f"in the environment (export {API_KEY_ENV}=...); or validate on a local Wikipedia corpus "
+                         "with SEARCH_ENGINE wiki and search.corpus=PATH.jsonl (or search.retriever_url=URL), or set "
+                         "trainer.test_freq=0")
 
 
 def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculum, step: int) -> dict[str, float]:
     timer = PhaseTimer()
     t0 = time.perf_counter()
-    curriculum.step = step - 1  # step k trains with p_noisy((k - 1) / T): start_threshold at the first step
+    # Upstream's index (global_steps starts at 1): step k = 1..T trains with p_noisy(k / T), so the last step
+    # trains at END_THRESHOLD. The checkpoint after step k saves step k; a resumed run goes on at k + 1.
+    curriculum.step = step
     p_noisy = curriculum.probability()
     batch = [samples[i] for i in sampler.next_batch()]
     with timer("gen"):
         trajs, metrics = rollout(actor, batch, p_noisy, step)
+    for t in trajs:  # decided once: actor, critic, advantages and metrics all read `t.train_mask`
+        t.train_observations = not cfg.algorithm.mask_retrieved_tokens
     with timer("reward"):
         a = cfg.algorithm
         reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score)
@@ -395,7 +443,6 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
                                                       zip(parts, per_rank(advantages, kl_ref, old_lp))])))
     with timer("sync"):
         metrics["timing/weight_push_s"] = max(actor.call("sync_weights"))
-    curriculum.step = step
     step_s = time.perf_counter() - t0
     metrics.update(reward_metrics)
     metrics.update(adv_metrics)
@@ -416,7 +463,7 @@ def dump_rollouts(path: Path, trajs: list[Trajectory], reward: torch.Tensor) -> 
     with open(path, "w") as f:
         f.writelines(json.dumps({"group": t.group, "question": t.question, "golden_answers": t.golden_answers,
                                 "response_text": t.response_text, "answer": t.answer, "reward": r,
-                                "queries": t.queries, "noisy_flags": t.noisy_flags,
+                                "queries": t.queries, "noisy_flags": t.noisy_flags, "documents": t.documents,
                                 "finish_reason": t.finish_reason}, ensure_ascii=False) + "\n" for t, r in zip(trajs, reward.tolist()))
 
 

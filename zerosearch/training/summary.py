@@ -22,6 +22,7 @@ def plot_reward_curve(run_dir: Path, rows: list[dict]) -> Path | None:
     train = [(r["step"], r["reward/mean"]) for r in rows if "reward/mean" in r]
     val = [(r["step"], r["val/f1"]) for r in rows if "val/f1" in r]
     val_reward = [(r["step"], r["val/reward"]) for r in rows if "val/reward" in r]
+    oracle = [(r["step"], r["val_oracle/f1"]) for r in rows if "val_oracle/f1" in r]
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -37,6 +38,9 @@ def plot_reward_curve(run_dir: Path, rows: list[dict]) -> Path | None:
     if val_reward:
         steps, reward = zip(*val_reward)
         ax.plot(steps, reward, "s--", color="#e93", lw=1.5, label="held-out reward (greedy)")
+    if oracle:
+        steps, f1 = zip(*oracle)
+        ax.plot(steps, f1, "^:", color="#888", lw=1, label="oracle F1 (simulator saw the answer)")
     ax.set_xlabel("step")
     ax.set_ylabel("reward / F1")
     ax.set_title(run_dir.name)
@@ -50,18 +54,30 @@ def plot_reward_curve(run_dir: Path, rows: list[dict]) -> Path | None:
 
 
 def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_rss_gib: float,
-                  simulated_queries: float) -> dict:
+                  simulated_queries: float, heldout_search: str | None = None,
+                  oracle_search: str | None = None) -> dict:
+    """`heldout_*` come from validation through the real engine `heldout_search` (metrics `val/...`);
+    with `oracle_search` (the simulator, which saw the gold answer) also `oracle_f1_*` (`val_oracle/...`)."""
     rows = read_metrics(run_dir)
     val = history.get("val", [])
     before = val[0] if val and val[0]["step"] == 0 else None
     after = val[-1] if val else None
     summary = {
-        "heldout_f1_before": before["val/f1"] if before else None,
-        "heldout_f1_after": after["val/f1"] if after else None,
-        "heldout_em_before": before["val/em"] if before else None,
-        "heldout_em_after": after["val/em"] if after else None,
+        "heldout_search": heldout_search,
+        "heldout_f1_before": before.get("val/f1") if before else None,
+        "heldout_f1_after": after.get("val/f1") if after else None,
+        "heldout_em_before": before.get("val/em") if before else None,
+        "heldout_em_after": after.get("val/em") if after else None,
         "heldout_reward_before": before.get("val/reward") if before else None,
         "heldout_reward_after": after.get("val/reward") if after else None,
+    }
+    if oracle_search:
+        summary.update({
+            "oracle_search": oracle_search,
+            "oracle_f1_before": before.get("val_oracle/f1") if before else None,
+            "oracle_f1_after": after.get("val_oracle/f1") if after else None,
+        })
+    summary |= {
         "steps": steps,
         "wall_s": round(wall_s, 1),
         "peak_rss_gib": round(peak_rss_gib, 2),
@@ -70,10 +86,16 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_reward_curve(run_dir, rows)
     lines = ["| held-out (greedy) | before | after |", "|---|---|---|"]
-    for key in ("reward", "f1", "em", "answer_rate", "searches_per_traj"):
-        b = f"{before[f'val/{key}']:.4f}" if before and f"val/{key}" in before else "-"
-        a = f"{after[f'val/{key}']:.4f}" if after and f"val/{key}" in after else "-"
-        lines.append(f"| {key} | {b} | {a} |")
+    keys = [(f"val/{k}", k) for k in ("reward", "f1", "em", "answer_rate", "searches_per_traj")]
+    if oracle_search:
+        keys += [(f"val_oracle/{k}", f"oracle {k}") for k in ("f1", "em")]
+    for key, name in keys:
+        b = f"{before[key]:.4f}" if before and key in before else "-"
+        a = f"{after[key]:.4f}" if after and key in after else "-"
+        lines.append(f"| {name} | {b} | {a} |")
+    lines += ["", f"held-out search: {heldout_search or 'none (no validation through a real engine)'}"]
+    if oracle_search:
+        lines.append(f"oracle search: {oracle_search}; its scores are not held-out numbers")
     lines += ["", (f"steps {steps}, wall {wall_s / 60:.1f} min, peak RSS {peak_rss_gib:.2f} GiB, "
               f"simulated queries {int(simulated_queries)}")]
     table = "\n".join(lines)

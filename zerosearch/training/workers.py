@@ -22,18 +22,19 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
-from zerosearch.algos import actor_loss, agg_loss, value_loss
+from zerosearch.algos import actor_loss, agg_loss, entropy_from_logits, value_loss
 from zerosearch.config import Config
 from zerosearch.models import resolve_model_path
 from zerosearch.rollout.factory import build_engine, build_loop, start_search, train_sampling, val_sampling
 from zerosearch.rollout.loop import loop_metrics
 from zerosearch.rollout.trajectory import Trajectory
-from zerosearch.training.batch import Batch, collate, micro_batches, pad_to_grid
+from zerosearch.training.batch import Batch, collate, loss_totals, loss_weight, micro_batches, pad_to_grid
 
 logger = logging.getLogger("zerosearch.training")
 
@@ -126,23 +127,22 @@ class _Selected(torch.nn.Module):
 
 
 class TokenLogProbs(_Selected):
-    """forward -> (log-probs [N], entropies [N] or None) of the target tokens.
+    """forward -> (log-probs [N], entropies [N] or None) of the target tokens under `softmax(logits / T)`.
 
-    The vocabulary head always runs in fp32, so log-probs keep full precision under autocast; only
-    the N selected positions ever produce logits."""
+    T is the temperature the rollout sampled at, so the PPO ratio and the KL compare the distribution that
+    produced the samples (verl divides the logits the same way). The vocabulary head always runs in fp32,
+    so log-probs keep full precision under autocast; only the N selected positions ever produce logits.
+    The entropy has a gradient only with `entropy_grad` (an entropy bonus); as a metric it is detached."""
 
     def forward(self, input_ids, attention_mask, b_idx, pos, targets, with_entropy: bool = False,
-                autocast: torch.dtype | None = None):
+                autocast: torch.dtype | None = None, temperature: float = 1.0, entropy_grad: bool = False):
         h = self.hidden(input_ids, attention_mask, b_idx, pos, autocast)  # [N, H]
         head = self.lm.get_output_embeddings()
         logits = torch.nn.functional.linear(h, head.weight.float(), None if head.bias is None else head.bias.float())  # [N, V]
-        lse = torch.logsumexp(logits, dim=-1)  # [N]
-        lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [N]
-        entropy = None
-        if with_entropy:
-            with torch.no_grad():
-                probs = torch.softmax(logits.detach(), dim=-1)  # [N, V]
-                entropy = lse.detach() - (probs * logits.detach()).sum(-1)  # [N]
+        if temperature != 1.0:
+            logits = logits.div_(temperature)  # in place: the head's backward does not need its output
+        lp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [N]
+        entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None  # [N]
         return lp, entropy
 
 
@@ -159,6 +159,12 @@ class TokenValues(_Selected):
         return self.value_head(self.hidden(input_ids, attention_mask, b_idx, pos, autocast)).squeeze(-1)  # [N]
 
 
+def logprob_temperature(cfg: Config) -> float:
+    """The temperature of the trainer's log-probs and entropies: the training rollouts' (`rollout.temperature`),
+    1 for greedy rollouts (temperature 0), whose distribution is a point mass."""
+    return cfg.rollout.temperature or 1.0
+
+
 def _selected(batch: Batch, select: torch.Tensor, device) -> tuple:
     b_idx, r_idx = select.nonzero(as_tuple=True)  # [N], [N]
     pos = batch.predict_positions[b_idx, r_idx]  # [N]
@@ -171,15 +177,17 @@ def _to_grid(values: torch.Tensor, where: tuple, shape, device) -> torch.Tensor:
 
 
 def token_logprobs(net, batch: Batch, select: torch.Tensor, device, with_entropy: bool = False,
-                   autocast: torch.dtype | None = None):
-    """Log-probs (and entropies) of the selected response tokens, on the [B, R] grid (0 elsewhere).
+                   autocast: torch.dtype | None = None, temperature: float = 1.0, entropy_grad: bool = False):
+    """Log-probs (and entropies) of the selected response tokens at `temperature`, on the [B, R] grid (0
+    elsewhere).
 
     `net`: a TokenLogProbs, or a plain causal LM (wrapped here)."""
     if not isinstance(net, TokenLogProbs):
         net = TokenLogProbs(net)
     args, where = _selected(batch, select, device)
     targets = batch.response_ids[where[0].cpu(), where[1].cpu()].to(device)  # [N]
-    lp, ent = net(*args, targets, with_entropy=with_entropy, autocast=autocast)
+    lp, ent = net(*args, targets, with_entropy=with_entropy, autocast=autocast, temperature=temperature,
+                  entropy_grad=entropy_grad)
     entropy = _to_grid(ent, where, select.shape, device) if ent is not None else None
     return _to_grid(lp, where, select.shape, device), entropy
 
@@ -203,6 +211,7 @@ class _ModelWorker:
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.autocast = DTYPES[cfg.model.autocast_dtype] if cfg.model.autocast_dtype else None
+        self.temperature = logprob_temperature(cfg)
 
     def _micro(self, trajs: list[Trajectory]) -> list[list[int]]:
         lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajs]
@@ -228,13 +237,25 @@ class _ModelWorker:
         plan = self._micro(trajs)
         return [(idx, True) for idx in plan] + [(plan[0][:1], False)] * (self._rounds(len(plan)) - len(plan))
 
+    def _weighted(self, trajs: list[Trajectory], agg: str) -> Iterator[tuple[list[int], Batch, float, bool]]:
+        """One mini-batch's `_plan`, collated, as `(micro-batch, batch, weight, real)`. `weight` scales the
+        micro-batch's loss (aggregated by `agg` over its own tokens) to its share of the mini-batch's loss
+        over every rank (`batch.loss_weight`), times the world size because FSDP averages the ranks'
+        gradients; 0 for a repeat. The actor and the critic weight their losses with it. Collective."""
+        tokens, sequences = loss_totals(trajs)
+        tokens, sequences = self._rounds(tokens, "sum"), self._rounds(sequences, "sum")
+        for idx, real in self._plan(trajs):
+            batch = collate([trajs[i] for i in idx], self.pad_id)
+            weight = loss_weight(batch.train_mask, tokens, sequences, agg) * self.dist.world if real else 0.0
+            yield idx, batch, weight, real
+
     @torch.no_grad()
     def per_token(self, trajs: list[Trajectory], fn) -> list[list[float]]:
         """`fn(batch) -> [B, R]` over length-sorted micro-batches, cut back to one list per trajectory."""
         self.net.eval()
         out: list[list[float]] = [[] for _ in trajs]
         for idx, real in self._plan(trajs):
-            batch = collate([trajs[i] for i in idx], self.pad_id, self.cfg.algorithm.mask_retrieved_tokens)
+            batch = collate([trajs[i] for i in idx], self.pad_id)
             grid = fn(batch)  # [B, R]
             if real:
                 for row, i in enumerate(idx):
@@ -243,9 +264,10 @@ class _ModelWorker:
         return out
 
     def compute_log_probs(self, trajs: list[Trajectory]) -> list[list[float]]:
-        """Per-response-token log-probs (0 where the loss mask is 0), one list per trajectory."""
+        """Per-response-token log-probs at the sampling temperature (0 where no loss), one list per trajectory."""
         return self.per_token(trajs, lambda batch: token_logprobs(
-            self.net, batch, batch.loss_mask.bool(), self.device, autocast=self.autocast)[0])
+            self.net, batch, batch.train_mask.bool(), self.device, autocast=self.autocast,
+            temperature=self.temperature)[0])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The HF model's whole state dict (gathered from the shards under FSDP). Collective."""
@@ -311,8 +333,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
                                                                  shape=p.shape, stride=p.stride())
 
 
-def _lr_lambda(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+def warmup_scheduler(optimizer: torch.optim.Optimizer, warmup_ratio: float, total_steps: int):
+    """Linear warm-up over `int(warmup_ratio * total_steps)` training steps (verl's count), then constant.
+
+    Stepped once per training step: step k = 1, 2, ... trains at `lr * min(1, k / warmup)`. verl's
+    `get_constant_schedule_with_warmup` gives `(k - 1) / warmup`, so its first step runs at lr 0 and trains
+    nothing; ours reaches the full lr one step earlier (at step `warmup`, not `warmup + 1`).
+    """
+    warmup = int(warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: min(1.0, (done + 1) / warmup) if warmup > 0 else 1.0)
 
 
 class ActorRolloutWorker(_ModelWorker):
@@ -323,7 +353,7 @@ class ActorRolloutWorker(_ModelWorker):
         a = cfg.actor
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=a.lr, weight_decay=a.weight_decay,
                                            betas=(0.9, 0.999))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(a.lr_warmup_steps))
+        self.scheduler = warmup_scheduler(self.optimizer, a.lr_warmup_steps_ratio, cfg.trainer.total_steps)
         if resume_dir:
             self._load_state(Path(resume_dir))
         self._stack = ExitStack()
@@ -334,15 +364,34 @@ class ActorRolloutWorker(_ModelWorker):
         self.engine_start_s = time.perf_counter() - t0
         self.search = start_search(cfg, self._stack)  # a client only: the driver started any servers
         self.loop = build_loop(cfg, self.engine, self.search, self._stack)
+        # Validation searches the real engine (search.engine), as upstream: the simulator's useful prompt
+        # holds the gold answer. Every rank builds its own; built after the engine too (bm25s, above).
+        self.val_loop = None
+        if cfg.trainer.test_freq != 0 and cfg.trainer.val_search != "simulator":
+            s = cfg.search
+            val_search = self.search if s.engine == s.mode else start_search(cfg, self._stack, mode=s.engine)
+            self.val_loop = build_loop(cfg, self.engine, val_search, self._stack)
 
     # --- rollout ---------------------------------------------------------------------------
 
-    def rollout(self, samples, p_noisy: float, step: int, validate: bool = False) -> tuple[list[Trajectory], dict]:
+    def rollout(self, samples, p_noisy: float, step: int, validate: bool = False,
+                offset: int = 0, oracle: bool = False) -> tuple[list[Trajectory], dict]:
+        """`offset`: the batch-wide index of this rank's first prompt (its noise draws follow from it).
+
+        `validate`: greedy, one rollout per prompt, searching the real engine (`search.engine`); with
+        `oracle` too, searching the training simulator instead."""
         cfg = self.cfg
+        loop = self.loop
+        if validate and not oracle:
+            if self.val_loop is None:
+                raise RuntimeError("validation through search.engine was not set up: trainer.test_freq is 0 or "
+                                   "trainer.val_search is 'simulator'")
+            loop = self.val_loop
         base = val_sampling(cfg) if validate else train_sampling(cfg)
         sampling = dataclasses.replace(base, seed=cfg.trainer.seed * 1_000_003 + step * 7919 + (1 if validate else 0))
         n = 1 if validate else cfg.rollout.n
-        trajs, stats = self.loop.run(samples, n, sampling, p_noisy, noise_seed=cfg.trainer.seed * 100_003 + step)
+        trajs, stats = loop.run(samples, n, sampling, p_noisy, noise_seed=cfg.trainer.seed * 100_003 + step,
+                                uid_offset=offset * n)
         metrics = {**loop_metrics(trajs), **stats.metrics()}
         return trajs, metrics
 
@@ -370,48 +419,24 @@ class ActorRolloutWorker(_ModelWorker):
         count = 0
         grad_norms = []
         t_fwd = t_bwd = 0.0
+        lr = self.scheduler.get_last_lr()[0]  # the rate this step trains at (logged before the scheduler steps)
         for _ in range(a.ppo_epochs):
             order = torch.randperm(B, generator=gen).tolist() if (a.ppo_epochs > 1 or mini < B) else list(range(B))
             for start in range(0, B, mini):
                 sub = order[start: start + mini]
-                sub_trajs = [trajs[i] for i in sub]
-                tokens = self._rounds(sum(sum(t.loss_mask) if cfg.algorithm.mask_retrieved_tokens
-                                          else len(t.response_ids) for t in sub_trajs), "sum")
-                sequences = self._rounds(len(sub), "sum")
                 self.optimizer.zero_grad(set_to_none=True)
-                for idx, real in self._plan(sub_trajs):
+                for idx, batch, weight, real in self._weighted([trajs[i] for i in sub], a.loss_agg_mode):
                     members = [sub[i] for i in idx]
-                    batch = collate([trajs[i] for i in members], self.pad_id, cfg.algorithm.mask_retrieved_tokens)
-                    R = batch.response_ids.shape[1]
                     t0 = time.perf_counter()
-                    lp, ent = token_logprobs(self.net, batch, batch.loss_mask.bool(), self.device, with_entropy=True,
-                                             autocast=self.autocast)
-                    adv = pad_to_grid([advantages[i] for i in members], R).to(self.device)
-                    old = pad_to_grid([old_logprobs[i] for i in members], R).to(self.device) if old_logprobs else lp.detach()
-                    ref = pad_to_grid([ref_logprobs[i] for i in members], R).to(self.device) if ref_logprobs else lp.detach()
-                    mask = batch.loss_mask.to(self.device)
-                    use_kl = cfg.algorithm.use_kl_loss and ref_logprobs is not None
-                    loss, m = actor_loss(
-                        lp, old, ref, adv, mask, kl_coef=cfg.algorithm.kl_coef if use_kl else 0.0,
-                        kl_kind=cfg.algorithm.kl_type, clip_ratio=a.clip_ratio,
-                        dual_clip_c=a.dual_clip_c or None, agg=a.loss_agg_mode,
-                    )
-                    entropy = agg_loss(ent, mask, a.loss_agg_mode)
-                    if a.entropy_coeff:
-                        loss = loss - a.entropy_coeff * entropy
-                    if not real:  # a repeat that keeps FSDP's collectives in step with the other ranks
-                        weight = 0.0
-                    elif a.loss_agg_mode == "token-mean":
-                        weight = float(mask.sum()) / max(tokens, 1) * world
-                    else:
-                        weight = len(members) / sequences * world
+                    loss, m = self._policy_loss(batch, [advantages[i] for i in members],
+                                                [ref_logprobs[i] for i in members] if ref_logprobs else None,
+                                                [old_logprobs[i] for i in members] if old_logprobs else None)
                     t1 = time.perf_counter()
-                    (loss * weight).backward()
+                    (loss * weight).backward()  # weight 0: a repeat that keeps FSDP's collectives in step
                     t_fwd += t1 - t0
                     t_bwd += time.perf_counter() - t1
                     if not real:
                         continue
-                    m["entropy"] = float(entropy)
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     count += 1
@@ -421,9 +446,35 @@ class ActorRolloutWorker(_ModelWorker):
         self.scheduler.step()
         release_memory()
         out = {f"actor/{k}": v / max(count, 1) for k, v in sums.items()}
-        out.update({"actor/grad_norm": sum(grad_norms) / len(grad_norms), "actor/lr": self.scheduler.get_last_lr()[0],
+        out.update({"actor/grad_norm": sum(grad_norms) / len(grad_norms), "actor/lr": lr,
                     "timing/actor_forward_s": t_fwd, "timing/actor_backward_s": t_bwd})
         return out
+
+    def _policy_loss(self, batch: Batch, advantages: list[list[float]], ref_logprobs: list[list[float]] | None,
+                     old_logprobs: list[list[float]] | None) -> tuple[torch.Tensor, dict[str, float]]:
+        """One micro-batch's actor loss, aggregated over its own loss-carrying tokens: PPO-clip, + KL to the
+        reference, - `entropy_coeff` x entropy. The lists hold its trajectories' per-token values; without
+        `old_logprobs` the update is on-policy (old = the current log-probs, detached)."""
+        cfg, a = self.cfg, self.cfg.actor
+        R = batch.response_ids.shape[1]
+        bonus = a.entropy_coeff > 0  # else the entropy is only a metric, and not worth a graph
+        lp, ent = token_logprobs(self.net, batch, batch.train_mask.bool(), self.device, with_entropy=True,
+                                 autocast=self.autocast, temperature=self.temperature, entropy_grad=bonus)  # [B, R] x2
+        adv = pad_to_grid(advantages, R).to(self.device)  # [B, R]
+        old = pad_to_grid(old_logprobs, R).to(self.device) if old_logprobs is not None else lp.detach()  # [B, R]
+        ref = pad_to_grid(ref_logprobs, R).to(self.device) if ref_logprobs is not None else lp.detach()  # [B, R]
+        mask = batch.train_mask.to(self.device)  # [B, R]
+        use_kl = cfg.algorithm.use_kl_loss and ref_logprobs is not None
+        loss, m = actor_loss(
+            lp, old, ref, adv, mask, kl_coef=cfg.algorithm.kl_coef if use_kl else 0.0,
+            kl_kind=cfg.algorithm.kl_type, clip_ratio=a.clip_ratio,
+            dual_clip_c=a.dual_clip_c or None, agg=a.loss_agg_mode,
+        )
+        entropy = agg_loss(ent, mask, a.loss_agg_mode)
+        if bonus:
+            loss = loss - a.entropy_coeff * entropy
+        m["entropy"] = float(entropy.detach())
+        return loss, m
 
     # --- checkpoints -----------------------------------------------------------------------
 
@@ -461,7 +512,7 @@ class CriticWorker(_ModelWorker):
         super().__init__(cfg, model_path=path, dist_info=dist_info)
         # an untied vocabulary head gets no gradient here, and AdamW skips it
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.critic.lr, weight_decay=cfg.actor.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg.critic.lr_warmup_steps))
+        self.scheduler = warmup_scheduler(self.optimizer, cfg.critic.lr_warmup_steps_ratio, cfg.trainer.total_steps)
         if resume_dir:
             state = load_rank_state(Path(resume_dir), "critic", self.dist)
             load_optimizer_state(self.optimizer, state["optimizer"])
@@ -474,7 +525,7 @@ class CriticWorker(_ModelWorker):
         return net
 
     def _values(self, batch: Batch) -> torch.Tensor:
-        select = batch.loss_mask.bool()
+        select = batch.train_mask.bool()
         args, where = _selected(batch, select, self.device)
         return _to_grid(self.net(*args, autocast=self.autocast), where, select.shape, self.device)
 
@@ -484,20 +535,17 @@ class CriticWorker(_ModelWorker):
     def update(self, trajs: list[Trajectory], returns: list[list[float]], old_values: list[list[float]]) -> dict:
         self.net.train()
         a = self.cfg.actor
-        tokens = self._rounds(sum(sum(t.loss_mask) for t in trajs), "sum")
         sums: dict[str, float] = {}
         count = 0
         for _ in range(a.ppo_epochs):
             self.optimizer.zero_grad(set_to_none=True)
-            for idx, real in self._plan(trajs):
-                batch = collate([trajs[i] for i in idx], self.pad_id, self.cfg.algorithm.mask_retrieved_tokens)
+            for idx, batch, weight, real in self._weighted(trajs, "token-mean"):
                 R = batch.response_ids.shape[1]
                 v = self._values(batch)
                 ret = pad_to_grid([returns[i] for i in idx], R).to(self.device)
                 old = pad_to_grid([old_values[i] for i in idx], R).to(self.device)
-                mask = batch.loss_mask.to(self.device)
-                loss, m = value_loss(v, old, ret, mask, clip_range=self.cfg.critic.cliprange_value)
-                weight = float(mask.sum()) / max(tokens, 1) * self.dist.world if real else 0.0
+                mask = batch.train_mask.to(self.device)
+                loss, m = value_loss(v, old, ret, mask, clip_range=self.cfg.critic.cliprange_value, agg="token-mean")
                 (loss * weight).backward()
                 if not real:
                     continue
