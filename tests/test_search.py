@@ -307,7 +307,8 @@ class FakeChatServer:
     """Mimics /v1/chat/completions: fails the first ``fail_first`` requests with ``fail_status``, then
     answers seven docs that echo the query; records how many requests were in flight at once."""
 
-    def __init__(self, fail_first: int = 0, fail_status: int = 500, delay_s: float | tuple[float, float] = 0.0):
+    def __init__(self, fail_first: int = 0, fail_status: int = 500, delay_s: float | tuple[float, float] = 0.0,
+                 served: tuple[str, ...] = ("m", "sim")):
         self.fail_first, self.fail_status, self.delay_s = fail_first, fail_status, delay_s
         self.requests = 0
         self.in_flight = 0
@@ -320,6 +321,9 @@ class FakeChatServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: object) -> None:
                 pass
+
+            def do_GET(self) -> None:  # /v1/models, as vLLM and sglang list what they serve
+                self._send(200, {"object": "list", "data": [{"id": name, "object": "model"} for name in served]})
 
             def do_POST(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -631,3 +635,19 @@ def test_ensure_simulation_server_leaves_remote_and_busy_addresses_alone(fake_se
 
     busy = fake_servers()
     assert ensure_simulation_server(["192.0.2.1:6001", "example.org", busy.address], "m", gpu=False) == []
+
+
+def test_a_server_already_on_the_port_must_serve_the_configured_model(fake_servers) -> None:
+    from zerosearch.search.server import ensure_simulation_server
+
+    other = fake_servers(served=("Qwen2.5-14B-Instruct",))
+    with pytest.raises(SearchError, match=r"serves \['Qwen2.5-14B-Instruct'\], not search.simulation_llm='m'"):
+        ensure_simulation_server([other.address], "m", gpu=False)
+    not_openai = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)  # answers every GET with 501
+    threading.Thread(target=not_openai.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(SearchError, match="does not answer GET .*/v1/models as an OpenAI server"):
+            ensure_simulation_server([f"127.0.0.1:{not_openai.server_address[1]}"], "m", gpu=False)
+    finally:
+        not_openai.shutdown()
+        not_openai.server_close()

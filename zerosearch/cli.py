@@ -6,6 +6,7 @@
     zerosearch prepare-data --input FILE.jsonl [...] --out DIR [--split train]
     zerosearch fetch-model
     zerosearch config [--describe]
+    zerosearch simulator collect|label|train|eval ...   (build your own simulator: docs/simulator.md)
 
 The launchers `train_grpo.sh`, `train_ppo.sh` and `train_reinforce.sh` call `zerosearch train`.
 """
@@ -201,6 +202,12 @@ def cmd_infer(argv: list[str]) -> int:
     return infer_main(argv)
 
 
+def cmd_simulator(argv: list[str]) -> int:
+    from zerosearch.simulator.cli import main as simulator_main
+
+    return simulator_main(argv)
+
+
 def cmd_config(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="zerosearch config", description="Print a resolved config or describe the fields.")
     parser.add_argument("--describe", action="store_true", help="list every field with its documentation")
@@ -228,6 +235,7 @@ COMMANDS = {
     "prepare-data": cmd_prepare_data,
     "fetch-model": cmd_fetch_model,
     "config": cmd_config,
+    "simulator": cmd_simulator,
 }
 
 
@@ -256,6 +264,25 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as e:
+        if not _is_bad_input(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except RuntimeError as e:
+        search = sys.modules.get("zerosearch.search.base")  # loaded by whatever searched
+        if search is None or not isinstance(e, search.SearchError):
+            raise
+        # too many searches failed: the message names the server and how to start one; a Ray task's error
+        # (a subclass of the cause) would print the worker's traceback, so print the cause
+        print(f"error: {getattr(e, 'cause', None) or e}", file=sys.stderr)
+        return 1
+
+
+def _is_bad_input(e: BaseException) -> bool:
+    """A data-file error (it names the file, row and field): the user's to fix, so one line, not a traceback."""
+    qa = sys.modules.get("zerosearch.data.qa")  # loaded by whatever read the data
+    return qa is not None and isinstance(e, (qa.DataFormatError, qa.DataNotFoundError))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,9 @@ class SearchConfig:
     """Retries per request (with exponential backoff) before a clear failure."""
     concurrency: int = 64
     """Most simulation requests in flight at once."""
+    max_error_share: float = 0.2
+    """A search that still fails after its retries (or gets a malformed reply) ends only its trajectory, with
+    finish reason `error` and no loss; the run stops when more than this share of one step's searches fail."""
     corpus: str = ""
     """JSONL passage corpus (`.jsonl` or `.jsonl.gz`) for `wiki` search (BM25, in process); `default` = the
     bundled 2WikiMultiHopQA corpus, which answers the bundled held-out questions."""
@@ -228,7 +233,8 @@ class TrainerConfig:
     n_gpus_per_node: int = 0
     """NUM_GPUS_PER_NODE: GPUs per node (0 = CPU)."""
     nnodes: int = 1
-    """Nodes in the Ray cluster."""
+    """Nodes in the Ray cluster. With 1, a worker group's ranks meet through a file and loopback sockets (nothing
+    listens on the network); with more, rank 0's node hosts a TCP store on its address."""
     world_size: int = 0
     """Data-parallel ranks per worker group (actor, reference, critic); > 1 shards the models with FSDP and
     gives every actor rank its own rollout engine. 0 = n_gpus_per_node x nnodes on GPU, 1 on CPU."""
@@ -237,7 +243,9 @@ class TrainerConfig:
     project_name: str = "zerosearch"
     """Project name (wandb project, run directory parent)."""
     experiment_name: str = ""
-    """Run name; empty = derived from model, algorithm and time."""
+    """Run directory name under `output_dir` (a plain folder name). Empty: every launch gets a new directory
+    `<algo>-<model>-<mode>-<YYYYmmdd-HHMMSS>`, never resumed by `resume=auto`; name a run to resume it by
+    relaunching with the same name."""
     output_dir: str = "runs"
     """Where run directories are created."""
     save_freq: int = 50
@@ -255,7 +263,10 @@ class TrainerConfig:
     summary.json), `simulator` (the training simulator with useful documents: metrics `val_oracle/...`; its
     prompt holds the gold answer, so these are oracle scores), or `both`."""
     resume: str = "auto"
-    """`auto` continues from the latest checkpoint in the run directory, `never` starts over, or a path."""
+    """`auto`: a named run continues from its newest checkpoint when its saved config.yaml matches this one
+    (otherwise the launch stops, listing the differing fields); `never`: start fresh, refused in a directory that
+    already holds a run; or a PATH (a checkpoint `.../checkpoints/step_N` or a run directory) resumed with this
+    config whatever it was saved with (the configured learning rates win)."""
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
     """Metric sinks: `console`, `jsonl`, `wandb` (offline works: WANDB_MODE=offline)."""
     seed: int = 1
@@ -402,6 +413,8 @@ def validate(cfg: Config) -> None:
     _check(s.topk >= 1, "search.topk", f"{s.topk} < 1; set TOPK 5")
     _check(s.max_retries >= 0 and s.timeout_s > 0 and s.concurrency >= 1, "search",
            "max_retries must be >= 0, timeout_s > 0 and concurrency >= 1")
+    _check(0.0 <= s.max_error_share < 1.0, "search.max_error_share",
+           f"{s.max_error_share} is not in [0, 1): the share of a step's searches that may fail before the run stops")
     _check(bool(s.ip.strip()) or not s.mode.startswith("simulate"), "search.ip",
            "a simulated search needs a server address; set IP 127.0.0.1:6001")
     if s.mode == "wiki":
@@ -450,6 +463,51 @@ def validate(cfg: Config) -> None:
     for name in t.logger:
         _one_of(name, LOGGERS, "trainer.logger")
     _check(t.keep_last >= 1, "trainer.keep_last", "keep at least one checkpoint")
+    _validate_limits(cfg)
+
+
+def _validate_limits(cfg: Config) -> None:
+    """Values that would hang or fail late: timeouts, memory sizes, addresses and paths."""
+    s, r, t = cfg.search, cfg.rollout, cfg.trainer
+    for key, value in (("search.timeout_s", s.timeout_s), ("search.server_startup_timeout_s", s.server_startup_timeout_s)):
+        _check(math.isfinite(value) and value > 0, key,
+               f"{value} is not a usable timeout (an infinite one can hang the run); give a finite number of seconds > 0")
+    for key, value, zero_ok in (("rollout.cpu_kv_cache_gib", r.cpu_kv_cache_gib, False),
+                                ("search.server_kv_cache_gib", s.server_kv_cache_gib, True),
+                                ("ray.object_store_gib", cfg.ray.object_store_gib, False)):
+        _check(math.isfinite(value) and (value >= 0 if zero_ok else value > 0), key,
+               f"{value} GiB is not a memory size; give a finite number {'>= 0' if zero_ok else '> 0'}")
+    _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be a share in (0, 1]")
+    if s.mode.startswith("simulate"):
+        for entry in filter(None, (e.strip() for e in s.ip.split(","))):
+            _check(_server_address_ok(entry), "search.ip",
+                   f"'{entry}' is not host[:port] (or http://host:port/v1); give e.g. IP 127.0.0.1:6001, "
+                   "comma-separated for several")
+    if t.resume not in ("auto", "never"):
+        _check(Path(t.resume).exists(), "trainer.resume",
+               f"'{t.resume}' does not exist; give a checkpoint folder (runs/NAME/checkpoints/step_N), a run directory, "
+               "`auto` or `never`")
+    name = t.experiment_name
+    _check(not name or (name not in (".", "..") and "/" not in name and "\\" not in name and not name.startswith("~")),
+           "trainer.experiment_name",
+           f"'{name}' is not a plain folder name inside trainer.output_dir; use letters, digits, '-', '_' and '.', "
+           "and trainer.output_dir for the location")
+
+
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]+")
+
+
+def _server_address_ok(entry: str) -> bool:
+    """`host`, `host:port` or `http(s)://host:port/path`, as `search.simulated.parse_servers` reads them."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(entry if "//" in entry else f"http://{entry}")
+    try:
+        port = parts.port  # raises for a port that is not a number in 0..65535
+    except ValueError:
+        return False
+    return (parts.scheme in ("http", "https") and bool(parts.hostname) and _HOST.fullmatch(parts.hostname) is not None
+            and (port is None or port > 0) and not parts.query and not parts.fragment)
 
 
 def to_yaml(cfg: Config) -> str:

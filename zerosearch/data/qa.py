@@ -73,6 +73,22 @@ class DataFormatError(ValueError):
         return (type(self), (self.path, self.field, self.problem, self.fix, self.row, self.line))
 
 
+class DataNotFoundError(FileNotFoundError):
+    """A data path (DATA_PATH, a split file) that does not exist; the message says where we looked and the fix."""
+
+
+def check_prompt_lengths(samples: list[QASample], count_tokens, max_length: int, where: str) -> None:
+    """Raise DataFormatError for the first sample whose prompt is longer than `max_length` tokens
+    (`count_tokens(messages)` counts them as the rollout will), naming `where` (the data file) and the row."""
+    for position, sample in enumerate(samples):
+        n = count_tokens(sample.prompt)
+        if n > max_length:
+            raise DataFormatError(
+                where, "prompt", f"the prompt of question {_short(sample.question, 60)} (sample {position}, index "
+                f"{sample.index}) has {n} tokens, more than data.max_prompt_length={max_length}",
+                "raise data.max_prompt_length, or shorten or drop that question")
+
+
 @lru_cache(maxsize=1)
 def _policy_template(name: str = "") -> str:
     path = (Path(name) if Path(name).is_file() else TEMPLATE_DIR / name) if name else POLICY_PROMPT_FILE
@@ -165,17 +181,29 @@ def _source_from_path(path: Path) -> str:
 def _load_jsonl(path: Path, data_source: str | None) -> list[QASample]:
     default_source = data_source or _source_from_path(path)
     samples: list[QASample] = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:  # bytes: a decoding error can then name its line
+        for line_no, raw in enumerate(fh, start=1):
+            where = {"line": line_no}
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataFormatError(
+                    path, "(line)", f"not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} of the line)",
+                    "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)", **where,
+                ) from None
             if not line.strip():
                 continue
-            where = {"line": line_no}
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise DataFormatError(
                     path, "(line)", f"not valid JSON ({exc.msg} at column {exc.colno})",
                     'write one JSON object per line, e.g. {"question": "...", "answers": ["..."]}', **where,
+                ) from None
+            except RecursionError:
+                raise DataFormatError(
+                    path, "(line)", "JSON nested too deeply to read",
+                    'write one flat JSON object per line, e.g. {"question": "...", "answers": ["..."]}', **where,
                 ) from None
             if not isinstance(obj, dict):
                 raise DataFormatError(
@@ -200,6 +228,9 @@ def _load_jsonl(path: Path, data_source: str | None) -> list[QASample]:
                 index=len(samples),
                 extra_info=extra,
             ))
+    if not samples:
+        raise DataFormatError(path, "(file)", "the file holds no rows",
+                              'write one {"question": ..., "answers": [...]} object per line')
     return samples
 
 
@@ -274,7 +305,14 @@ def _parquet_row(row: dict, i: int, path: Path, default_source: str) -> QASample
 
 def _load_parquet(path: Path, data_source: str | None) -> list[QASample]:
     # to_pylist() yields plain lists and dicts (no numpy arrays, unlike pandas' object columns).
-    rows = pq.read_table(path).to_pylist()
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataFormatError(path, "(file)", f"not a readable parquet file ({first[:200]})",
+                              "rewrite it with `zerosearch prepare-data`, or download it again") from None
+    if not rows:
+        raise DataFormatError(path, "(file)", "the file holds no rows", "add rows, or point data.path at another file")
     default_source = data_source or _source_from_path(path)
     samples = [_parquet_row(row, i, path, default_source) for i, row in enumerate(rows)]
     if data_source is not None:
@@ -294,7 +332,7 @@ def load_qa_file(path: str | Path, data_source: str | None = None) -> list[QASam
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"QA file not found: {path}. Download ZeroSearch's data with `{HF_DOWNLOAD_HINT}`, "
             "or convert your own JSONL with `zerosearch prepare-data --input FILE --out DIR`."
         )
@@ -303,9 +341,9 @@ def load_qa_file(path: str | Path, data_source: str | None = None) -> list[QASam
         return _load_parquet(path, data_source)
     if suffix == ".jsonl":
         return _load_jsonl(path, data_source)
-    raise ValueError(
-        f"{path}: unknown QA file type {path.suffix!r}; expected .parquet (Search-R1/ZeroSearch schema) "
-        'or .jsonl (one {"question": ..., "answers": [...]} object per line).'
+    raise DataFormatError(
+        path, "(file)", f"unknown QA file type {path.suffix!r}",
+        'use .parquet (Search-R1/ZeroSearch schema) or .jsonl (one {"question": ..., "answers": [...]} object per line)',
     )
 
 
@@ -325,7 +363,7 @@ def load_split(data_path: str | Path | None, split: str) -> list[QASample]:
             return load_qa_file(candidate)
     looked = ", ".join(str(c) for c in candidates)
     state = "folder" if data_path.is_dir() else "path (does not exist)"
-    raise FileNotFoundError(
+    raise DataNotFoundError(
         f"no {split!r} split in data {state} {data_path}: looked for {looked}. Point data_path at a "
         f"folder holding {split}.parquet or {split}.jsonl, or at one file; use 'default' for the bundled "
         f"demo data; get ZeroSearch's data with `{HF_DOWNLOAD_HINT}`."

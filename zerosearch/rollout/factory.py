@@ -38,6 +38,7 @@ def loop_settings(cfg: Config) -> LoopSettings:
         max_total_length=r.max_total_length,
         max_prompt_length=cfg.data.max_prompt_length,
         search_concurrency=cfg.search.concurrency,
+        max_search_error_share=cfg.search.max_error_share,
     )
 
 

@@ -9,6 +9,11 @@ even as the batch thins out in later turns.
 
 Turns follow upstream: up to `max_turns` action turns, then one last generation in which a
 search is no longer executed (finish reason `max_turns` unless it answers).
+
+A search that fails (a SearchError: the backend's retries are spent, or its reply was malformed) ends
+that trajectory with finish reason `error`; the batch goes on. Only when more than
+`max_search_error_share` of the batch's searches fail does `run` raise, with the first error (which names
+the server and how to start it).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
 from zerosearch.rollout.trajectory import Trajectory
-from zerosearch.search import SearchBackend, SearchRequest, SearchResult
+from zerosearch.search import SearchBackend, SearchError, SearchRequest, SearchResult
 
 logger = logging.getLogger("zerosearch.rollout")
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -46,6 +51,8 @@ class LoopSettings:
     """Longer prompts are an error naming the sample."""
     search_concurrency: int = 64
     """Most search calls in flight at once."""
+    max_search_error_share: float = 0.2
+    """`run` raises when more than this share of a batch's searches fail; fewer end only their trajectories."""
 
 
 @dataclass
@@ -60,6 +67,9 @@ class LoopStats:
     policy_tokens: int = 0
     obs_tokens: int = 0
     queries: int = 0
+    search_errors: int = 0
+    """Searches that failed; each ended its trajectory with finish reason `error`."""
+    first_search_error: str = ""
     max_queries_in_flight: int = 0
     search_latency_s: list[float] = field(default_factory=list)
 
@@ -76,6 +86,7 @@ class LoopStats:
             "rollout/obs_tokens": float(self.obs_tokens),
             "rollout/gen_tokens_per_s": self.policy_tokens / self.generation_s if self.generation_s else 0.0,
             "rollout/queries": float(self.queries),
+            "rollout/search_errors": float(self.search_errors),
             "rollout/max_queries_in_flight": float(self.max_queries_in_flight),
             "rollout/search_latency_p50_s": lat[len(lat) // 2] if lat else 0.0,
         }
@@ -149,10 +160,21 @@ class AgentLoop:
             for future in done:
                 traj, sent = pending.pop(future)
                 stats.search_latency_s.append(time.perf_counter() - sent)
-                self._on_search_result(traj, future.result()[0])
+                try:
+                    result = future.result()[0]
+                except SearchError as exc:  # the server's fault, not the policy's: end this trajectory only
+                    self._on_search_error(traj, exc)
+                    continue
+                self._on_search_result(traj, result)
         stats.wall_s = time.perf_counter() - start
         unfinished = [t.uid for t in trajs if not t.done]
         assert not unfinished, f"agent loop ended with unfinished trajectories {unfinished[:5]}"
+        share = self.settings.max_search_error_share
+        if stats.search_errors > share * stats.queries:
+            raise SearchError(
+                f"{stats.search_errors} of {stats.queries} searches of this batch failed, more than "
+                f"search.max_error_share={share:g} allows, so the run stops. First error: {stats.first_search_error}"
+            )
         stats.policy_tokens = sum(t.num_policy_tokens for t in trajs)
         stats.obs_tokens = sum(len(t.loss_mask) - t.num_policy_tokens for t in trajs)
         return trajs, stats
@@ -216,6 +238,16 @@ class AgentLoop:
         traj.append_observation(self._info_prefix_ids + doc_ids + self._info_suffix_ids)
         self._submit_turn(traj)
 
+    def _on_search_error(self, traj: Trajectory, exc: SearchError) -> None:
+        self._stats.search_errors += 1
+        # the whole message once per batch: a dead server fails every search with the same long hint
+        log = logger.debug if self._stats.first_search_error else logger.warning
+        self._stats.first_search_error = self._stats.first_search_error or str(exc)
+        log("search for trajectory %d failed; it ends with finish reason 'error' (counted in "
+            "rollout/search_errors): %s", traj.uid, exc)
+        traj.error = str(exc)
+        self._finish(traj, "error")
+
     def _finish(self, traj: Trajectory, reason: str) -> None:
         traj.finish_reason = reason
         traj.response_text = self.tokenizer.decode(traj.response_ids, skip_special_tokens=False)
@@ -237,6 +269,7 @@ def loop_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "rollout/obs_truncated": float(sum(t.obs_truncated for t in trajs)),
         "rollout/finish_length": sum(t.finish_reason == "length" for t in trajs) / n,
         "rollout/finish_max_turns": sum(t.finish_reason == "max_turns" for t in trajs) / n,
+        "rollout/finish_error": sum(t.finish_reason == "error" for t in trajs) / n,
         "rollout/noisy_share": (
             sum(bool(f) for t in trajs for f in t.noisy_flags) / max(sum(len(t.noisy_flags) for t in trajs), 1)
         ),

@@ -37,7 +37,9 @@ class Trajectory:
     truncated). Only these count as retrieved for the reward, never `<information>` text the policy wrote."""
     answer: str | None = None
     finish_reason: str = ""
-    """`answer`, `max_turns`, `length` (token budget) or `error`."""
+    """`answer`, `max_turns`, `length` (token budget) or `error` (a search failed: see `error`)."""
+    error: str = ""
+    """Why the search that ended this trajectory failed (finish reason `error`)."""
     response_text: str = ""
     train_observations: bool = False
     """The ablation `algorithm.mask_retrieved_tokens=False`, set once by the trainer: observation tokens
@@ -54,7 +56,12 @@ class Trajectory:
     @property
     def train_mask(self) -> list[int]:
         """1 on the response tokens that carry loss: the one place that decides it for the actor's and the
-        critic's losses and their normalisers, the advantages and the metrics."""
+        critic's losses and their normalisers, the advantages and the metrics.
+
+        A trajectory cut short by a failed search carries no loss: the failure was the server's, and its
+        reward of 0 would teach the policy not to search."""
+        if self.finish_reason == "error":
+            return [0] * len(self.response_ids)
         return [1] * len(self.response_ids) if self.train_observations else self.loss_mask
 
     def append_policy(self, token_ids: list[int], logprobs: list[float]) -> None:
@@ -87,6 +94,7 @@ class Trajectory:
             "num_invalid": self.num_invalid,
             "turns": self.turns,
             "finish_reason": self.finish_reason,
+            "error": self.error,
             "noisy_flags": self.noisy_flags,
             "queries": self.queries,
             "documents": self.documents,

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import ipaddress
 import logging
+import math
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, runtime_checkable
+from urllib.parse import urlsplit
 
 logger = logging.getLogger("zerosearch.search")
 
@@ -42,6 +45,11 @@ NO_INFORMATION = "No information available."
 
 class SearchError(RuntimeError):
     """A search backend could not answer; the message says which server/file and how to fix it."""
+
+
+class MalformedReply(ValueError):
+    """A server answered, but not with what the protocol promises (an HTML page, no choices, no content,
+    a reply over the size cap); retried like a failed request."""
 
 
 @dataclass
@@ -236,6 +244,7 @@ async def call_with_retries(
     budget is spent, or the error is not ``retryable``, raises SearchError naming the target, the
     number of attempts and the last error, followed by ``hint`` (a string, or a function of the attempt).
     """
+    check_timeout(timeout_s)
     attempts = max_retries + 1
     for attempt in range(attempts):
         try:
@@ -260,6 +269,31 @@ async def call_with_retries(
             )
             await asyncio.sleep(delay)
     raise AssertionError("unreachable")
+
+
+def is_loopback(url_or_host: str) -> bool:
+    """Whether a URL or host names this machine (127.0.0.0/8, ::1, localhost).
+
+    Clients of such a server must not go through ``HTTP_PROXY``: the simulator's prompts hold the gold
+    answers, and a proxy would see them (and fail for a server only this machine can reach). Create their
+    httpx clients with ``trust_env=not is_loopback(url)``.
+    """
+    host = urlsplit(url_or_host).hostname if "//" in url_or_host else url_or_host.strip("[]")
+    if not host:
+        return False
+    if host.lower() == "localhost" or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_timeout(timeout_s: float, what: str = "timeout_s") -> float:
+    """A finite, positive timeout, else ValueError: an infinite one would hang the run on a dead server."""
+    if not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise ValueError(f"{what} must be a finite number of seconds > 0, got {timeout_s}")
+    return timeout_s
 
 
 def format_docs(docs: list[tuple[str, str]]) -> str:

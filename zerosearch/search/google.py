@@ -8,7 +8,9 @@ Needs an API key in the environment variable ``SER_API_KEY`` (the name upstream 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 from typing import Any
 
 import httpx
@@ -26,6 +28,39 @@ from zerosearch.search.base import (
 
 SERPAPI_URL = "https://serpapi.com/search"
 API_KEY_ENV = "SER_API_KEY"
+# SerpAPI takes the key only as the `api_key` query parameter, so every URL we could print carries it.
+_KEY_PARAM = re.compile(r"(api_key=)[^&\s'\"]*", re.IGNORECASE)
+
+
+def redact(text: str, secret: str = "") -> str:
+    """`text` with every `api_key=...` value (and `secret` itself, wherever it appears) replaced by `***`."""
+    text = _KEY_PARAM.sub(r"\1***", text)
+    return text.replace(secret, "***") if secret else text
+
+
+class _RedactKeys(logging.Filter):
+    """On httpx's logger: its INFO line `HTTP Request: GET <url>` would print the key in the URL."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "api_key=" in message.lower():
+            record.msg, record.args = redact(message), None
+        return True
+
+
+def _install_log_redaction() -> None:
+    for name in ("httpx", "httpcore"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _RedactKeys) for f in log.filters):
+            log.addFilter(_RedactKeys())
+
+
+class SerpAPIError(RuntimeError):
+    """A failed SerpAPI request, its message built from the URL without the key (httpx's would print it)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def format_organic_results(organic: list[dict[str, Any]], topk: int) -> str:
@@ -73,6 +108,10 @@ class GoogleSearch:
         self._semaphore: asyncio.Semaphore | None = None
         self._loop = BackgroundLoop(name="zerosearch-google")
         self._client = httpx.AsyncClient(timeout=timeout_s)
+        _install_log_redaction()
+
+    def __repr__(self) -> str:  # never the key
+        return f"GoogleSearch(url={self.url!r}, topk={self.topk})"
 
     def search(self, requests: list[SearchRequest]) -> list[SearchResult]:
         if not requests:
@@ -93,10 +132,20 @@ class GoogleSearch:
         self._stats.add("search/queries")
 
         async def attempt(_: int) -> dict[str, Any]:
-            with self._stats.in_flight():
-                response = await self._client.get(self.url, params=params)
-            response.raise_for_status()
-            return response.json()
+            # httpx's errors print the request URL, key included: re-raise them with the key redacted and
+            # without their cause (a traceback would print the original message too)
+            try:
+                with self._stats.in_flight():
+                    response = await self._client.get(self.url, params=params)
+            except httpx.HTTPError as exc:
+                raise SerpAPIError(redact(f"{type(exc).__name__}: {exc}", self.api_key)) from None
+            if response.is_error:
+                raise SerpAPIError(f"HTTP {response.status_code} {response.reason_phrase} from {self.url}",
+                                   status=response.status_code)
+            try:
+                return response.json()
+            except ValueError:
+                raise SerpAPIError(f"{self.url} answered with status {response.status_code} but not JSON") from None
 
         assert self._semaphore is not None
         async with self._semaphore:
@@ -128,9 +177,8 @@ class GoogleSearch:
 
 
 def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, httpx.HTTPStatusError):
-        status = exc.response.status_code
-        return status == 429 or status >= 500
+    if isinstance(exc, SerpAPIError) and exc.status is not None:
+        return exc.status == 429 or exc.status >= 500
     return True
 
 

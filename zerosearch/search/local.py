@@ -37,7 +37,9 @@ from zerosearch.search.base import (
     SearchResult,
     SearchStats,
     call_with_retries,
+    check_timeout,
     format_docs,
+    is_loopback,
     register_backend,
 )
 
@@ -229,7 +231,8 @@ class RetrieverClient:
         self.backoff_s = backoff_s
         self._stats = SearchStats()
         self._loop = BackgroundLoop(name="zerosearch-retriever")
-        self._client = httpx.AsyncClient(timeout=timeout_s)
+        # a retriever on this machine is reached directly, never through HTTP_PROXY
+        self._client = httpx.AsyncClient(timeout=check_timeout(timeout_s), trust_env=not is_loopback(self.url))
 
     def search(self, requests: list[SearchRequest]) -> list[SearchResult]:
         if not requests:
@@ -266,7 +269,23 @@ class RetrieverClient:
                 f"retriever {self.url} answered {str(body)[:200]!r}; expected "
                 f'{{"result": [[...] x {len(queries)}]}} as Search-R1\'s /retrieve returns'
             )
-        return [[hit.get("document", hit) for hit in hits] for hits in result]
+        return [self._documents(hits) for hits in result]
+
+    def _documents(self, hits: Any) -> list[dict[str, Any]]:
+        """One query's hits as documents, at most `topk`; anything that is not a Search-R1 document is an error
+        naming the server (not an AttributeError deep inside the rollout)."""
+        if not isinstance(hits, list):
+            raise SearchError(f"retriever {self.url} answered {str(hits)[:200]!r} for a query; expected a list of hits")
+        docs = []
+        for hit in hits[: self.topk]:
+            doc = hit.get("document", hit) if isinstance(hit, dict) else hit
+            if not (isinstance(doc, dict) and (isinstance(doc.get("contents"), str)
+                                               or isinstance(doc.get("title", doc.get("text")), str))):
+                raise SearchError(
+                    f"retriever {self.url} answered a malformed hit {str(hit)[:200]!r}; expected "
+                    '{"document": {"contents": "Title\\ntext"}, "score": s} as Search-R1\'s /retrieve returns')
+            docs.append(doc)
+        return docs
 
     def stats(self) -> dict[str, float]:
         return self._stats.as_dict()
@@ -282,6 +301,13 @@ class RetrieverClient:
 
 # ---------------------------------------------------------------------------------------------
 # Search-R1 /retrieve protocol: server
+
+
+# Bounds of one /retrieve request: a larger body, topk or query list is refused (HTTP 413 / 400), so a single
+# request cannot make the server read unbounded bytes or score the whole corpus.
+MAX_BODY_BYTES = 1 << 20
+MAX_TOPK = 100
+MAX_QUERIES = 1024
 
 
 class _RetrieveHandler(BaseHTTPRequestHandler):
@@ -311,10 +337,18 @@ class _RetrieveHandler(BaseHTTPRequestHandler):
             return
         try:
             length = int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY_BYTES:
+            self.close_connection = True  # the body is not read: the connection cannot be reused
+            self._send(413 if length > 0 else 400,
+                       {"error": f"request body must have a Content-Length of at most {MAX_BODY_BYTES} bytes"})
+            return
+        try:
             body = json.loads(self.rfile.read(length) or b"{}")
             queries, topk, return_scores = self._parse(body)
-        except (ValueError, TypeError) as exc:
-            self._send(400, {"error": str(exc)})
+        except (ValueError, TypeError, RecursionError) as exc:
+            self._send(400, {"error": str(exc)[:500]})
             return
         hits = self.server.bm25.retrieve(queries, topk)
         if return_scores:
@@ -331,8 +365,12 @@ class _RetrieveHandler(BaseHTTPRequestHandler):
             queries = [body["query"]]
         if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
             raise ValueError('"queries" must be a list of strings (or give one "query" string)')
+        if len(queries) > MAX_QUERIES:
+            raise ValueError(f"{len(queries)} queries in one request; send at most {MAX_QUERIES}")
         topk = body.get("topk") or body.get("top_k") or self.server.default_topk
-        return queries, int(topk), bool(body.get("return_scores", False))
+        if not isinstance(topk, int) or isinstance(topk, bool) or not 1 <= topk <= MAX_TOPK:
+            raise ValueError(f'"topk" must be an integer from 1 to {MAX_TOPK}, got {str(topk)[:50]}')
+        return queries, topk, bool(body.get("return_scores", False))
 
 
 class _RetrieverHTTPServer(ThreadingHTTPServer):

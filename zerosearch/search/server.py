@@ -7,7 +7,9 @@
   ``VLLM_CPU_KVCACHE_SPACE`` (GiB) defaulting to 2. On this 2-core box it is healthy in ~30 s.
 
 The server runs in its own session (process group) with its output in a log file; ``stop()`` sends
-SIGTERM to the whole group, then SIGKILL after a grace period, and reaps any descendant left.
+SIGTERM to the whole group, then SIGKILL after a grace period, and reaps any descendant left. A watchdog
+process (``zerosearch.search.watchdog``) ends the group when the process that started the server dies
+without stopping it, even by SIGKILL, so no server is left holding the port and its memory.
 
 CLI: ``zerosearch serve-sim --model M --port 6001 [--engine sglang|vllm] [--tp N --dp N] [--host H]``
 prints the URL once healthy and serves until SIGTERM / Ctrl-C.
@@ -28,6 +30,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit
 
 from zerosearch.search.base import SearchError
 
@@ -131,6 +134,7 @@ class SimulationServer:
         self.log_path: Path | None = None
         self.startup_s: float | None = None
         self._log_file: Any = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -211,7 +215,12 @@ class SimulationServer:
             cmd, stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=self._env(), start_new_session=True,
         )
-        atexit.register(self.stop)
+        atexit.register(self.stop)  # a normal exit; the watchdog covers SIGKILL, which runs no atexit
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-m", "zerosearch.search.watchdog", str(self.proc.pid), str(os.getpid()),
+             str(self.stop_grace_s)],
+            stdout=self._log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
         try:
             self._wait_healthy(t0)
         except BaseException:
@@ -275,6 +284,10 @@ class SimulationServer:
             proc.wait(timeout=10)
         _reap(descendants, grace_s=5.0)
         _signal_group(proc.pid, signal.SIGKILL)  # anything of the group that is still there
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.kill()
+            watchdog.wait(timeout=10)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -324,9 +337,11 @@ def ensure_simulation_server(
 ) -> list[SimulationServer]:
     """Start a simulation server for each local address (127.0.0.1 / localhost) where nothing listens.
 
-    Remote addresses, and local ones that already answer, are left alone. Returns the servers started
-    here (stop them when done); if one fails to start, those already started are stopped and the
-    error is raised. ``server_options`` go to :class:`SimulationServer`.
+    Remote addresses are left alone. A local one where something already listens is used as it is,
+    once its ``GET /v1/models`` lists ``model`` (else SearchError: it is another program, or serves
+    another model). Returns the servers started here (stop them when done); if one fails to start,
+    those already started are stopped and the error is raised. ``server_options`` go to
+    :class:`SimulationServer`.
     """
     from zerosearch.search.simulated import parse_servers, server_host_port
 
@@ -334,7 +349,10 @@ def ensure_simulation_server(
     try:
         for url in parse_servers(servers):
             host, port = server_host_port(url)
-            if host not in LOCAL_HOSTS or is_listening(host, port):
+            if host not in LOCAL_HOSTS:
+                continue
+            if is_listening(host, port):
+                check_served_model(url, model)
                 continue
             options = {"host": "127.0.0.1", **server_options}
             started.append(SimulationServer(model, port=port, **options).start())
@@ -343,6 +361,34 @@ def ensure_simulation_server(
             server.stop()
         raise
     return started
+
+
+def check_served_model(url: str, model: str, timeout_s: float = 10.0) -> None:
+    """SearchError unless the OpenAI server at ``url`` (``http://host:port/v1``) lists ``model`` in ``/models``.
+
+    A server left over from another run, or another program on the port, would otherwise answer every
+    search with 404s or with documents from the wrong model.
+    """
+    import httpx
+
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    fix = (f"stop it, or start the simulation server elsewhere (`zerosearch serve-sim --model {model} --port PORT`) "
+           f"and point IP / search.ip at HOST:PORT")
+    try:
+        with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+            reply = client.get(f"{url}/models")
+            reply.raise_for_status()
+            served = [str(m.get("id")) for m in reply.json()["data"]]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SearchError(
+            f"something listens on {host}:{port} but does not answer GET {url}/models as an OpenAI server "
+            f"({type(exc).__name__}: {str(exc)[:200]}); it is not a simulation server: {fix}"
+        ) from None
+    if model and model not in served:
+        raise SearchError(
+            f"the server on {host}:{port} serves {served}, not search.simulation_llm={model!r}: {fix}; or set "
+            f"SIMULATION_LLM to the name it serves"
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,12 +37,15 @@ import openai
 from zerosearch.search.base import (
     NO_INFORMATION,
     BackgroundLoop,
+    MalformedReply,
     SearchError,
     SearchRequest,
     SearchResult,
     SearchStats,
     call_with_retries,
+    check_timeout,
     format_docs,
+    is_loopback,
     register_backend,
 )
 
@@ -50,16 +53,19 @@ DEFAULT_SIM_PORT = 6001
 MODES = ("prompt", "sft")
 _NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
+# These run over text a model wrote, so each must take linear time on any input: adjacent quantifiers that
+# can match the same characters (`\s*#?\s*`, `[ \t]*(…)?[ \t]*`, a `^\s*` that spans lines) backtrack
+# quadratically on a long run of spaces or blank lines, hence the possessive `*+` and a line-bound `^`.
 # A "Doc N" marker: at the start of a line (after bullets / markdown), or inline after whitespace,
 # and followed by a separator (":", "(Title: …)", ".", "-", "]") or the end of the line.
 _DOC_MARKER = re.compile(
-    r"(?:^[ \t*#>\[\-]*|(?<=\s))\**Doc(?:ument)?\s*#?\s*(\d+)\**\s*(?=[:(.\]\-–—*]|$)",
+    r"(?:^[ \t*#>\[\-]*+|(?<=\s))\**+Doc(?:ument)?\s*+#?\s*+(\d+)\**\s*(?=[:(.\]\-–—*]|$)",
     re.IGNORECASE | re.MULTILINE,
 )
-_TITLE = re.compile(r"^\(\s*Title:\s*(.*?)\)", re.IGNORECASE)
+_TITLE = re.compile(r"^\(\s*+Title:\s*+(.*?)\)", re.IGNORECASE)
 # The model sometimes goes on to write the next demo turn; nothing after such a line is a document.
-_STOP_LINE = re.compile(r"^\s*(?:Query:|Useful Output:|Noisy Output:|Demo:)", re.IGNORECASE | re.MULTILINE)
-_PREAMBLE = re.compile(r"(?:[ \t]*(?:Useful|Noisy)?[ \t]*Output:[ \t]*(?:\n|$))*", re.IGNORECASE)
+_STOP_LINE = re.compile(r"^[^\S\n]*+(?:Query:|Useful Output:|Noisy Output:|Demo:)", re.IGNORECASE | re.MULTILINE)
+_PREAMBLE = re.compile(r"(?:[ \t]*+(?:Useful|Noisy)?[ \t]*+Output:[ \t]*+(?:\n|$))*", re.IGNORECASE)
 _LEADING_SEPARATORS = re.compile(r"^[\s:.\]\-–—*)]+")
 
 
@@ -189,6 +195,8 @@ class SimulatedSearch:
     argument (a bare host gets port 6001); requests go round-robin across them. ``model`` is the
     served model name (``--served-model-name`` of the server; "" lets vLLM/sglang pick their only one).
     All requests of one ``search`` call are in flight at once, at most ``concurrency`` together.
+    A reply that is not a chat completion with text content of at most ``max_reply_chars`` characters
+    counts as a failed attempt. Servers on this machine are reached directly, never through ``HTTP_PROXY``.
     """
 
     def __init__(
@@ -205,6 +213,7 @@ class SimulatedSearch:
         concurrency: int = 64,
         api_key: str = "EMPTY",
         template_dir: str | Path | None = None,
+        max_reply_chars: int = 65_536,
     ) -> None:
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
@@ -212,6 +221,7 @@ class SimulatedSearch:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        check_timeout(timeout_s)
         self.mode = mode
         self.name = f"simulate_{mode}"
         self.urls = parse_servers(servers)
@@ -223,6 +233,7 @@ class SimulatedSearch:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.concurrency = concurrency
+        self.max_reply_chars = max_reply_chars
         self.templates = load_templates(mode, template_dir)
         self._stats = SearchStats()
         self._rr = itertools.count()
@@ -233,7 +244,7 @@ class SimulatedSearch:
         self._clients = [
             openai.AsyncOpenAI(
                 base_url=url, api_key=api_key, max_retries=0, timeout=timeout_s,
-                http_client=httpx.AsyncClient(limits=limits, timeout=timeout_s),
+                http_client=httpx.AsyncClient(limits=limits, timeout=timeout_s, trust_env=not is_loopback(url)),
             )
             for url in self.urls
         ]
@@ -289,18 +300,19 @@ class SimulatedSearch:
         self._stats.add("search/queries")
         n = len(self.urls)
 
-        async def attempt(k: int) -> Any:
+        async def attempt(k: int) -> tuple[str, Any]:
             with self._stats.in_flight():
-                return await self._clients[(start + k) % n].chat.completions.create(
+                response = await self._clients[(start + k) % n].chat.completions.create(
                     model=self.model,
                     messages=[{"role": "system", "content": ""}, {"role": "user", "content": prompt}],
                     temperature=self.temperature,
                     max_tokens=self.max_tokens,
                 )
+            return _reply_content(response, self.max_reply_chars), getattr(response, "usage", None)
 
         assert self._semaphore is not None
         async with self._semaphore:
-            response = await call_with_retries(
+            content, usage = await call_with_retries(
                 attempt,
                 target=lambda k: f"simulation server {self.urls[(start + k) % n]}",
                 max_retries=self.max_retries,
@@ -310,8 +322,6 @@ class SimulatedSearch:
                 hint=lambda k: self._hint((start + k) % n),
                 retryable=_retryable,
             )
-        content = (response.choices[0].message.content or "") if response.choices else ""
-        usage = response.usage
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
         self._stats.add("search/prompt_tokens", prompt_tokens)
@@ -330,6 +340,22 @@ class SimulatedSearch:
             f"server list (upstream's IP argument; now {','.join(self.urls)}). A 404 means the model name "
             f"{self.model!r} is not what the server serves: see GET {self.urls[index]}/models."
         )
+
+
+def _reply_content(response: Any, max_chars: int) -> str:
+    """The text of a chat completion, or MalformedReply saying what came instead."""
+    if not isinstance(response, openai.types.chat.ChatCompletion):
+        # the openai client hands back a non-JSON body (a proxy's or a web server's page) as a str
+        raise MalformedReply(f"not a chat completion but {type(response).__name__} {str(response)[:120]!r}")
+    if not response.choices:
+        raise MalformedReply("a chat completion without choices")
+    message = response.choices[0].message
+    content = getattr(message, "content", None)
+    if not isinstance(content, str):
+        raise MalformedReply(f"a chat completion whose message content is {content!r}, not text")
+    if len(content) > max_chars:
+        raise MalformedReply(f"a reply of {len(content)} characters, more than max_reply_chars={max_chars}")
+    return content
 
 
 def _retryable(exc: BaseException) -> bool:

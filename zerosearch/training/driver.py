@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
@@ -19,12 +18,12 @@ from pathlib import Path
 import torch
 
 from zerosearch.algos import get_advantage_estimator, kl_penalty, outcome_to_token_rewards
-from zerosearch.config import Config, save_config
+from zerosearch.config import Config, ConfigError, save_config
 from zerosearch.curriculum import NoiseCurriculum
 from zerosearch.data import PromptSampler
 from zerosearch.rollout.factory import load_samples, start_simulation_servers
 from zerosearch.rollout.trajectory import Trajectory
-from zerosearch.training import checkpoint
+from zerosearch.training import checkpoint, rundir
 from zerosearch.training.batch import pad_to_grid
 from zerosearch.training.tracking import MemoryMonitor, PhaseTimer, Tracker
 
@@ -32,13 +31,14 @@ logger = logging.getLogger("zerosearch.training")
 
 
 def run_name(cfg: Config) -> str:
+    """`trainer.experiment_name`, or `<algo>-<model>-<mode>-<YYYYmmdd-HHMMSS>`: a new name for every launch."""
     if cfg.trainer.experiment_name:
         return cfg.trainer.experiment_name
-    model = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(cfg.model.path.rstrip("/")).name)
-    return f"{cfg.algorithm.adv_estimator}-{model}-{cfg.search.mode}"
+    return f"{rundir.base_name(cfg)}-{datetime.now():%Y%m%d-%H%M%S}"
 
 
 def run_dir_for(cfg: Config) -> Path:
+    """The directory of a named run (`trainer.experiment_name`); for an unnamed one, the name a launch now gets."""
     return Path(cfg.trainer.output_dir) / run_name(cfg)
 
 
@@ -116,14 +116,23 @@ def split(n: int, parts: int) -> list[slice]:
     return [slice(bounds[r], bounds[r + 1]) for r in range(parts)]
 
 
-def _rendezvous_address() -> tuple[str, int]:
+def _rendezvous_address(multi_node: bool) -> tuple[str, int]:
+    """Host and a free port for rank 0's store: this node's address only when ranks span nodes, else loopback."""
     import socket
 
-    import ray
-
+    host = "" if multi_node else "127.0.0.1"
     with socket.socket() as sock:
-        sock.bind(("", 0))
+        sock.bind((host, 0))
+        if not multi_node:
+            return "127.0.0.1", sock.getsockname()[1]
+        import ray
+
         return ray.util.get_node_ip_address(), sock.getsockname()[1]
+
+
+def multi_node(cfg: Config) -> bool:
+    """Whether a worker group's ranks may sit on several nodes (`trainer.nnodes` > 1)."""
+    return cfg.trainer.nnodes > 1
 
 
 def start_group(ray, cls, cfg: Config, world: int, share: float, placement, *args) -> WorkerGroup:
@@ -141,13 +150,18 @@ def start_group(ray, cls, cfg: Config, world: int, share: float, placement, *arg
             return {}
         return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=rank)}
 
-    addr, port = "127.0.0.1", 0
-    if world > 1:  # rank 0's node hosts the process group's store
-        addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous_address).options(**where(0)).remote())
+    addr, port, store = "127.0.0.1", 0, ""
+    if world > 1 and multi_node(cfg):  # rank 0's node hosts the process group's TCP store
+        addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous_address).options(**where(0)).remote(True))
+    elif world > 1:  # one node: a file store, nothing listening on the network (see workers.init_distributed)
+        import tempfile
+        import uuid
+
+        store = os.path.join(tempfile.gettempdir(), f"zs-rdzv-{uuid.uuid4().hex}")
     gpus = share if placement is not None else 0
     # Fractional CPUs: the workers take turns, and each sets its own torch thread count.
     remote_cls = ray.remote(num_cpus=0.1 if placement is None else 0.01, num_gpus=gpus, max_restarts=0)(cls)
-    return WorkerGroup(ray, [remote_cls.options(**where(r)).remote(cfg, *args, DistInfo(r, world, addr, port))
+    return WorkerGroup(ray, [remote_cls.options(**where(r)).remote(cfg, *args, DistInfo(r, world, addr, port, store))
                              for r in range(world)])
 
 
@@ -217,7 +231,8 @@ def search_stats(actor: WorkerGroup) -> dict[str, float]:
     return out
 
 
-_SUMMED = {"rollout/policy_tokens", "rollout/obs_tokens", "rollout/queries", "rollout/gen_tokens_per_s"}
+_SUMMED = {"rollout/policy_tokens", "rollout/obs_tokens", "rollout/queries", "rollout/gen_tokens_per_s",
+           "rollout/search_errors"}
 
 
 def rollout(actor: WorkerGroup, samples, p_noisy: float, step: int, validate: bool = False, oracle: bool = False):
@@ -273,34 +288,58 @@ def validate(actor: WorkerGroup, samples, step: int, cfg: Config) -> dict[str, f
 
 
 def train(cfg: Config) -> dict:
-    run_dir = run_dir_for(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resume_ckpt = None
-    if cfg.trainer.resume == "auto":
-        resume_ckpt = checkpoint.latest_checkpoint(run_dir)
-    elif cfg.trainer.resume != "never":
-        resume_ckpt = Path(cfg.trainer.resume)
-        if not (resume_ckpt / "trainer_state.json").is_file():
-            raise FileNotFoundError(f"trainer.resume={resume_ckpt} is not a checkpoint (no trainer_state.json)")
-    state = checkpoint.load_trainer_state(resume_ckpt) if resume_ckpt else {}
+    """Check everything a user can get wrong (one-line errors, nothing written yet), claim and lock the run
+    directory (see `rundir`), then train; the lock is held until the run ends."""
     world = world_size(cfg)  # checked before anything starts
     if (cfg.data.train_batch_size * cfg.rollout.n) % world:
-        raise ValueError(f"data.train_batch_size x rollout.n = {cfg.data.train_batch_size * cfg.rollout.n} "
-                         f"trajectories do not split evenly over {world} ranks (trainer.world_size, or one per "
-                         "GPU); change the batch size or the world size")
-    if state and state.get("world_size", 1) != world:
-        raise ValueError(f"checkpoint {resume_ckpt} was saved by {state.get('world_size', 1)} rank(s) per worker, "
-                         f"this run has {world}: its optimizer state is sharded that way. Resume with "
-                         f"trainer.world_size={state.get('world_size', 1)} (or as many GPUs)")
+        raise ConfigError(f"data.train_batch_size x rollout.n = {cfg.data.train_batch_size * cfg.rollout.n} "
+                          f"trajectories do not split evenly over {world} ranks (trainer.world_size, or one per "
+                          "GPU); change the batch size or the world size")
     _check_validation_engine(cfg)
-    start_step = state.get("step", 0)
-    save_config(cfg, run_dir)
-    logger.info("run directory %s%s", run_dir, f" (resuming from {resume_ckpt})" if resume_ckpt else "")
-
     train_samples = load_samples(cfg, cfg.data.train_split)
     val_samples = load_samples(cfg, cfg.data.test_split)
     if cfg.data.val_size:
         val_samples = val_samples[: cfg.data.val_size]
+    check_prompt_lengths(cfg, (cfg.data.train_split, train_samples), (cfg.data.test_split, val_samples))
+    plan, lock = rundir.plan_run(cfg)
+    try:
+        return _train(cfg, plan.run_dir, plan.resume_ckpt, world, train_samples, val_samples)
+    finally:
+        lock.release()
+
+
+def check_prompt_lengths(cfg: Config, *splits) -> None:
+    """Every prompt fits `data.max_prompt_length` tokens, checked when the data loads (not at a random step)."""
+    from transformers import AutoTokenizer
+
+    from zerosearch.data.qa import check_prompt_lengths as check
+    from zerosearch.models import resolve_model_path
+    from zerosearch.rollout.loop import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model.path))
+    limit = cfg.data.max_prompt_length
+    overhead = len(encode_prompt(tokenizer, [{"role": "user", "content": ""}])) + 8  # template tokens per message
+
+    def count(messages: list[dict]) -> int:
+        # A token covers at least one byte (byte-level BPE), so a short prompt needs no tokenizing: keeps the
+        # check to seconds on upstream's 170k questions.
+        bound = sum(len(m["content"].encode()) + overhead for m in messages)
+        return bound if bound <= limit else len(encode_prompt(tokenizer, messages))
+
+    for split, samples in splits:
+        check(samples, count, limit, f"data.path={cfg.data.path} split {split!r}")
+
+
+def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, train_samples, val_samples) -> dict:
+    state = checkpoint.load_trainer_state(resume_ckpt) if resume_ckpt else {}
+    if state and state.get("world_size", 1) != world:
+        raise ConfigError(f"checkpoint {resume_ckpt} was saved by {state.get('world_size', 1)} rank(s) per worker, "
+                          f"this run has {world}: its optimizer state is sharded that way. Resume with "
+                          f"trainer.world_size={state.get('world_size', 1)} (or as many GPUs)")
+    start_step = state.get("step", 0)
+    save_config(cfg, run_dir)  # after every check: a refused launch leaves the run's config as it was
+    logger.info("run directory %s%s", run_dir, f" (resuming from {resume_ckpt})" if resume_ckpt else "")
+
     sampler = PromptSampler(len(train_samples), cfg.data.train_batch_size, cfg.trainer.seed, cfg.data.shuffle)
     s = cfg.search
     curriculum = NoiseCurriculum(s.start_threshold, s.end_threshold, cfg.trainer.total_steps, s.curriculum_base)
@@ -327,7 +366,7 @@ def train(cfg: Config) -> dict:
         logger.info("actor ready: %d rank(s) on %s (rollout engine started in %.1fs)", world, info["device"],
                     info["engine_start_s"])
 
-        tracker = Tracker(run_dir, cfg.trainer.logger, _plain(cfg), cfg.trainer.project_name, run_name(cfg), start_step)
+        tracker = Tracker(run_dir, cfg.trainer.logger, _plain(cfg), cfg.trainer.project_name, run_dir.name, start_step)
         stack.callback(tracker.close)
         t = cfg.trainer
         if start_step == 0 and t.val_before_train and t.test_freq != 0:
@@ -340,10 +379,11 @@ def train(cfg: Config) -> dict:
         bar = tracker.progress(t.total_steps, start_step)
         search_before = search_stats(actor)
         for step in range(start_step + 1, t.total_steps + 1):
-            metrics = train_step(cfg, ray, actor, ref, critic, train_samples, sampler, curriculum, step)
+            metrics = train_step(cfg, ray, actor, ref, critic, train_samples, sampler, curriculum, step, run_dir)
             search_now = search_stats(actor)
             metrics.update({f"{k}_step": search_now.get(k, 0) - search_before.get(k, 0) for k in
-                            ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
+                            ("search/queries", "search/prompt_tokens", "search/completion_tokens",
+                             "search/errors", "search/retries")})
             metrics.update({f"{k}_total": v for k, v in search_now.items()
                             if k in ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
             search_before = search_now
@@ -390,14 +430,19 @@ def _check_validation_engine(cfg: Config) -> None:
     """Before anything starts: a Google validation needs its API key (config validation checked the rest)."""
     from zerosearch.search.google import API_KEY_ENV
 
+    if cfg.search.mode == "google" and not os.environ.get(API_KEY_ENV):
+        raise ConfigError(f"search.mode=google trains against Google through SerpAPI, which needs {API_KEY_ENV} in "
+                          f"the environment (export {API_KEY_ENV}=...); or train against the simulator with "
+                          "SEARCH_MODE simulate_prompt")
     if "val" in _validation_searches(cfg) and cfg.search.engine == "google" and not os.environ.get(API_KEY_ENV):
-        raise ValueError(f"search.engine=google: validation searches Google through SerpAPI, which needs {API_KEY_ENV} "
+        raise ConfigError(f"search.engine=google: validation searches Google through SerpAPI, which needs {API_KEY_ENV} "
                          f"in the environment (export {API_KEY_ENV}=...); or validate on a local Wikipedia corpus "
                          "with SEARCH_ENGINE wiki and search.corpus=PATH.jsonl (or search.retriever_url=URL), or set "
                          "trainer.test_freq=0")
 
 
-def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculum, step: int) -> dict[str, float]:
+def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculum, step: int,
+               run_dir: Path | None = None) -> dict[str, float]:
     timer = PhaseTimer()
     t0 = time.perf_counter()
     # Upstream's index (global_steps starts at 1): step k = 1..T trains with p_noisy(k / T), so the last step
@@ -413,7 +458,7 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
         a = cfg.algorithm
         reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score)
     if cfg.trainer.dump_rollouts:
-        dump_rollouts(run_dir_for(cfg) / "rollouts" / f"step_{step}.jsonl", trajs, reward)
+        dump_rollouts((run_dir or run_dir_for(cfg)) / "rollouts" / f"step_{step}.jsonl", trajs, reward)
     shards = split(len(trajs), actor.world)  # equal shares: train() checks that B divides
     parts = [(ray.put(trajs[sl]),) for sl in shards]  # each rank's share, sent once per step
 

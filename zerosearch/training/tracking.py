@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -10,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
+
+logger = logging.getLogger("zerosearch.training")
 
 
 class PhaseTimer:
@@ -31,6 +34,34 @@ class PhaseTimer:
         return out
 
 
+def rewrite_metrics(path: Path, resume_step: int) -> int:
+    """Keep the records of `path` up to `resume_step`, replacing the file atomically; returns how many were kept.
+
+    A line that is not a JSON record (a kill mid-write tears the last one) is dropped with a warning."""
+    kept, torn = [], []
+    for number, line in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = int(record["step"])
+        except (ValueError, TypeError, KeyError, RecursionError):
+            torn.append(number)
+            continue
+        if step <= resume_step:
+            kept.append(line)
+    if torn:
+        logger.warning("%s: dropped %d unreadable line(s) (number %s; a write cut short by a kill) while resuming "
+                       "at step %d", path, len(torn), ", ".join(map(str, torn[:10])), resume_step)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # a kill during the rewrite leaves the old file whole, never half of it
+    return len(kept)
+
+
 class Tracker:
     """Writes each step's metrics to the sinks named in `trainer.logger`."""
 
@@ -40,11 +71,10 @@ class Tracker:
     def __init__(self, run_dir: Path, loggers: list[str], config: dict, project: str, name: str, resume_step: int = 0):
         self.run_dir, self.loggers = run_dir, loggers
         self.path = run_dir / "metrics.jsonl"
-        if resume_step == 0 and self.path.exists():
-            self.path.unlink()
+        if resume_step == 0 and self.path.exists():  # an earlier attempt that saved no checkpoint: kept aside
+            self.path.rename(run_dir / f"metrics.jsonl.{time.strftime('%Y%m%d-%H%M%S')}.old")
         elif self.path.exists():  # drop lines newer than the checkpoint we resume from
-            lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in lines))
+            rewrite_metrics(self.path, resume_step)
         self.wandb = None
         if "wandb" in loggers:
             try:

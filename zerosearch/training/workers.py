@@ -20,6 +20,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import pickle
 import sys
 import time
 from collections.abc import Iterator
@@ -75,12 +76,14 @@ def load_causal_lm(path: str, dtype: str, device: torch.device, gradient_checkpo
 
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
-    """Where one rank of a worker group sits: `rank` of `world`, rendezvous at `addr:port`."""
+    """Where one rank of a worker group sits: `rank` of `world`, rendezvous at `addr:port`, or through the
+    file `store` when every rank is on this node (no TCP store: it would listen on all interfaces)."""
 
     rank: int = 0
     world: int = 1
     addr: str = "127.0.0.1"
     port: int = 0
+    store: str = ""
 
 
 def init_distributed(info: DistInfo, device: torch.device) -> None:
@@ -90,8 +93,15 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
     if info.world <= 1 or dist.is_initialized():
         return
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://{info.addr}:{info.port}", rank=info.rank,
-                            world_size=info.world)
+    if info.store:
+        # One node: rendezvous through a file, and the backends' own sockets on loopback, so nothing of the
+        # group listens on a network interface (torch's TCPStore binds every interface, whatever its host).
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+        init_method = f"file://{info.store}"
+    else:
+        init_method = f"tcp://{info.addr}:{info.port}"
+    dist.init_process_group(backend, init_method=init_method, rank=info.rank, world_size=info.world)
 
 
 def shard_fsdp(net: torch.nn.Module, lm, device: torch.device) -> None:
@@ -305,7 +315,35 @@ def load_rank_state(ckpt: Path, role: str, info: DistInfo) -> dict:
         raise FileNotFoundError(
             f"{path} is missing: this run has {info.world} rank(s) per worker group, the checkpoint has {saved}. "
             "Resume with the trainer.world_size (and GPU count) the checkpoint was saved with.")
-    return torch.load(path, weights_only=False)
+    return load_tensors(path)
+
+
+def load_tensors(path: Path) -> dict:
+    """`torch.load` with `weights_only=True`: a checkpoint may hold tensors and plain containers, never code
+    (a full unpickler would run whatever a crafted file names)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:  # foreign objects; a torn file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot load checkpoint file {path}: {first[:300]}. Only tensors and plain containers are accepted "
+            "(a file holding other objects could run code when loaded); resume from another checkpoint "
+            "(trainer.resume=PATH) or start a new run") from None
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, scheduler, state: dict, lr: float, key: str) -> None:
+    """Optimizer and scheduler state from a checkpoint, then the configured learning rate `lr` (`key` names its
+    field): a checkpoint's own rate never silently replaces it; a difference is logged."""
+    load_optimizer_state(optimizer, state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    saved = [float(b) for b in scheduler.base_lrs]
+    if any(abs(b - lr) > 1e-9 * abs(lr) for b in saved):
+        logger.warning("%s=%g differs from the checkpoint's %s: training continues at the configured %g", key, lr,
+                       ", ".join(f"{b:g}" for b in saved), lr)
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def optimizer_state_to_local(optimizer: torch.optim.Optimizer) -> dict:
@@ -489,8 +527,7 @@ class ActorRolloutWorker(_ModelWorker):
 
     def _load_state(self, ckpt: Path) -> None:
         state = load_rank_state(ckpt, "actor", self.dist)
-        load_optimizer_state(self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        restore_optimizer(self.optimizer, self.scheduler, state, self.cfg.actor.lr, "actor.lr")
         torch.set_rng_state(state["torch_rng"])
 
     def info(self) -> dict:
@@ -508,15 +545,14 @@ class CriticWorker(_ModelWorker):
         path = str(Path(resume_dir) / "critic") if resume_dir else (cfg.critic.model_path or None)
         self._head_state = None
         if resume_dir:  # the value head is restored before FSDP shards it
-            self._head_state = torch.load(Path(resume_dir) / "critic_value_head.pt", weights_only=False)
+            self._head_state = load_tensors(Path(resume_dir) / "critic_value_head.pt")
         super().__init__(cfg, model_path=path, dist_info=dist_info)
         # an untied vocabulary head gets no gradient here, and AdamW skips it
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.critic.lr, weight_decay=cfg.actor.weight_decay)
         self.scheduler = warmup_scheduler(self.optimizer, cfg.critic.lr_warmup_steps_ratio, cfg.trainer.total_steps)
         if resume_dir:
             state = load_rank_state(Path(resume_dir), "critic", self.dist)
-            load_optimizer_state(self.optimizer, state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            restore_optimizer(self.optimizer, self.scheduler, state, cfg.critic.lr, "critic.lr")
 
     def _build_net(self):
         net = TokenValues(self.model)

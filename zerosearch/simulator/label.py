@@ -1,0 +1,145 @@
+"""`zerosearch simulator label`: mark each collected search useful or noisy, then balance the two classes.
+
+* ``rule`` (default, no model): useful when a normalised gold answer appears, as whole words, in the
+  documents (`records.answer_in_docs`, the test of Search-R1's retrieval score);
+* ``llm``: a judge model behind any OpenAI-compatible server reads question, answer and documents and says
+  whether the documents let one reach the answer (the paper used a large judge). Each call has a timeout
+  and at most `max_retries` retries; then a JudgeError names the server.
+
+Judgements are appended to ``OUT.judged.jsonl`` as they come (a resumed run skips those), then the
+larger class is cut down, at random with a fixed seed, to the size of the smaller one (the paper trains
+on both kinds of documents alike) and OUT is written in one step. Searches with fewer than `topk`
+documents are left out: the simulator should learn to write exactly k.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from zerosearch.simulator.records import (
+    LABELS,
+    answer_in_docs,
+    append_records,
+    docs_text,
+    read_records,
+    write_records,
+)
+
+logger = logging.getLogger("zerosearch.simulator")
+JUDGE_TEMPLATE = resources.files("zerosearch.simulator") / "templates" / "judge.txt"
+
+
+class JudgeError(RuntimeError):
+    """The judge server did not answer; the message names it and says how to start one."""
+
+
+@dataclass
+class LabelSummary:
+    judged: int
+    counts: dict[str, int]
+    dropped_short: int
+    kept: dict[str, int] = field(default_factory=dict)
+
+
+def rule_label(record: dict[str, Any]) -> str:
+    return "useful" if answer_in_docs(record["docs"], record["golden_answers"]) else "noisy"
+
+
+class LLMJudge:
+    """Asks a judge model whether the documents let one reach the answer ("yes" -> useful)."""
+
+    def __init__(self, url: str, model: str, timeout_s: float = 60.0, max_retries: int = 3,
+                 backoff_s: float = 1.0, api_key: str = "EMPTY") -> None:
+        import openai
+
+        self.url, self.model = url.rstrip("/"), model
+        self.max_retries, self.backoff_s = max_retries, backoff_s
+        self.template = JUDGE_TEMPLATE.read_text(encoding="utf-8")
+        self._client = openai.OpenAI(base_url=self.url, api_key=api_key, max_retries=0, timeout=timeout_s)
+        self._openai = openai
+
+    def __call__(self, record: dict[str, Any]) -> str:
+        prompt = self.template.format(question=record["question"], answer=" or ".join(record["golden_answers"]),
+                                      documents=docs_text(record["docs"]))
+        last: BaseException | None = None
+        for attempt in range(self.max_retries + 1):
+            try:
+                reply = self._client.chat.completions.create(
+                    model=self.model, messages=[{"role": "user", "content": prompt}], temperature=0.0, max_tokens=8,
+                )
+                text = (reply.choices[0].message.content or "").strip().lower() if reply.choices else ""
+                return "useful" if text.startswith("yes") else "noisy"
+            except (self._openai.BadRequestError, self._openai.NotFoundError, self._openai.AuthenticationError) as exc:
+                raise JudgeError(f"judge server {self.url} refused the request ({exc}); is {self.model!r} the model "
+                                 f"it serves? See GET {self.url}/models") from None
+            except self._openai.OpenAIError as exc:
+                last = exc
+                logger.warning("judge server %s: attempt %d of %d failed: %s", self.url, attempt + 1,
+                               self.max_retries + 1, exc)
+                if attempt < self.max_retries:
+                    time.sleep(self.backoff_s * 2**attempt)
+        raise JudgeError(
+            f"judge server {self.url} did not answer after {self.max_retries + 1} attempts (last error: {last}); "
+            f"start it (e.g. `zerosearch serve-sim --model {self.model} --port PORT`) or pass --judge-url"
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def balance(records: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]]:
+    """Both classes cut to the size of the smaller one (a seeded random choice), in input order."""
+    by_label = {label: [r for r in records if r["label"] == label] for label in LABELS}
+    n = min(len(v) for v in by_label.values())
+    rng = random.Random(seed)
+    keep = {id(r) for label in LABELS for r in rng.sample(by_label[label], n)}
+    return [r for r in records if id(r) in keep]
+
+
+def label(data: str | Path, out: str | Path, judge: LLMJudge | None = None, seed: int = 0,
+          workers: int = 8) -> LabelSummary:
+    """Label the records of `data` (resuming from OUT.judged.jsonl) and write the balanced set to `out`."""
+    out = Path(out)
+    records = read_records(data, required=("id", "question", "golden_answers", "query", "docs", "topk"))
+    full = [r for r in records if len(r["docs"]) >= r["topk"]]
+    cache_path = out.with_name(out.name + ".judged.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    judged = {r["id"]: r for r in read_records(cache_path, ("id", "label"))} if cache_path.exists() else {}
+    todo = [r for r in full if r["id"] not in judged]
+    name = judge.model if judge is not None else "rule"
+    with open(cache_path, "a", encoding="utf-8") as f, \
+            tqdm(total=len(full), initial=len(full) - len(todo), desc="label", unit="record") as bar:
+        def one(record: dict[str, Any]) -> dict[str, Any]:
+            return {**record, "label": judge(record) if judge is not None else rule_label(record), "judge": name}
+
+        if judge is None:
+            results = map(one, todo)
+        else:
+            pool = ThreadPoolExecutor(max_workers=workers)
+            results = pool.map(one, todo)
+        try:
+            for row in results:
+                judged[row["id"]] = row
+                append_records(f, [row])
+                bar.update(1)
+        finally:
+            if judge is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+    labelled = [judged[r["id"]] for r in full]
+    counts = Counter(r["label"] for r in labelled)
+    summary = LabelSummary(judged=len(todo), counts={k: counts.get(k, 0) for k in LABELS},
+                           dropped_short=len(records) - len(full))
+    kept = balance(labelled, seed)
+    summary.kept = {k: sum(r["label"] == k for r in kept) for k in LABELS}
+    write_records(out, kept)
+    return summary
