@@ -279,3 +279,35 @@ def test_resume_path_that_is_no_checkpoint_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunDirError, match=r"trainer.resume=.*empty is neither a checkpoint .* nor a run directory"):
         plan_run(_cfg(tmp_path, **{"trainer.resume": str(tmp_path / "empty")}))
+
+
+def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_path: Path) -> None:
+    """A process SIGKILLed while it writes step 2: step 1 stays the latest whole checkpoint, and the next save
+    of step 2 (after resume) replaces the torn temporary folder."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    first = checkpoint.commit(run_dir, checkpoint.begin(run_dir, 1), 1, {"step": 1}, keep_last=2)
+    script = f"""
+import sys, time
+from pathlib import Path
+from zerosearch.training import checkpoint
+tmp = checkpoint.begin(Path({str(run_dir)!r}), 2)
+with open(tmp / "actor_state.pt", "wb") as f:
+    f.write(b"x" * 4096); f.flush()
+    print("writing", flush=True)
+    time.sleep(60)  # killed here, mid-write
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert (run_dir / "checkpoints" / ".tmp_step_2").is_dir()  # the torn write is there ...
+    assert checkpoint.latest_checkpoint(run_dir) == first  # ... but never taken for a checkpoint
+    assert checkpoint.load_trainer_state(first) == {"step": 1}
+    t0 = time.time()
+    tmp = checkpoint.begin(run_dir, 2)
+    assert not any(tmp.iterdir())  # the torn files are gone
+    second = checkpoint.commit(run_dir, tmp, 2, {"step": 2}, keep_last=2)
+    assert checkpoint.latest_checkpoint(run_dir) == second and first.is_dir() and time.time() - t0 < 10

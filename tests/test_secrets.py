@@ -80,3 +80,16 @@ def test_redact_hides_the_key_anywhere() -> None:
     assert redact("GET https://serpapi.com/search?q=x&api_key=abc&num=5") == \
         "GET https://serpapi.com/search?q=x&api_key=***&num=5"
     assert redact("key abc in text", "abc") == "key *** in text"
+
+
+def test_a_serpapi_reply_that_is_not_a_json_object_is_a_search_error() -> None:
+    httpd, _ = _fake_serpapi(200, b"[1, 2]")
+    backend = GoogleSearch(topk=2, api_key=KEY, url=f"http://127.0.0.1:{httpd.server_address[1]}/search",
+                           max_retries=0, backoff_s=0.01, timeout_s=5)
+    try:
+        with pytest.raises(SearchError, match="not an object"):
+            backend.search([SearchRequest("who wrote hamlet")])
+    finally:
+        backend.close()
+        httpd.shutdown()
+        httpd.server_close()

@@ -143,9 +143,12 @@ class GoogleSearch:
                 raise SerpAPIError(f"HTTP {response.status_code} {response.reason_phrase} from {self.url}",
                                    status=response.status_code)
             try:
-                return response.json()
+                body = response.json()
             except ValueError:
                 raise SerpAPIError(f"{self.url} answered with status {response.status_code} but not JSON") from None
+            if not isinstance(body, dict):  # a JSON array or string is no SerpAPI answer either
+                raise SerpAPIError(f"{self.url} answered with JSON that is not an object ({type(body).__name__})")
+            return body
 
         assert self._semaphore is not None
         async with self._semaphore:
