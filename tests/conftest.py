@@ -1,8 +1,13 @@
-"""Shared fixtures: tiny random models built in the test (a few layers, the SmolLM2 tokenizer)."""
+"""Shared fixtures: tiny random models built in the test (a few layers, the SmolLM2 tokenizer), and local
+HTTP servers for fake search engines."""
 
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -11,6 +16,26 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_QA = REPO.parent / "shared" / "data" / "qa"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextmanager
+def http_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[ThreadingHTTPServer]:
+    """`handler` served on 127.0.0.1 (a free port) from a thread; shut down and closed on exit."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def reply(handler: BaseHTTPRequestHandler, status: int, body: bytes = b"") -> None:
+    """Answer the handler's request with `status` and `body`."""
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
 
 
 def embedded_dir() -> Path | None:

@@ -28,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from conftest import http_server, reply
 from test_rollout_loop import SEARCH_THEN_ANSWER, make_loop, run, sample
 
 from zerosearch.config import ConfigError, load_config
@@ -293,23 +294,16 @@ def test_loopback_searches_bypass_http_proxy(fake_openai, monkeypatch: pytest.Mo
 
         def do_POST(self) -> None:
             seen.append(self.path)
-            self.send_response(502)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            reply(self, 502)
 
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        monkeypatch.setenv(var, f"http://127.0.0.1:{proxy.server_address[1]}")
-    for var in ("NO_PROXY", "no_proxy"):
-        monkeypatch.delenv(var, raising=False)
-    server = fake_openai()
-    try:
+    with http_server(Proxy) as proxy:
+        for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+            monkeypatch.setenv(var, f"http://127.0.0.1:{proxy.server_address[1]}")
+        for var in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(var, raising=False)
+        server = fake_openai()
         with SimulatedSearch(server.address, model="sim", max_retries=0, timeout_s=5) as sim:
             (result,) = sim.search([SearchRequest("q", "Q?", ["the gold answer"])])
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
     assert seen == [] and server.requests == 1
     assert result.text.startswith("Doc 1: Paris")
 

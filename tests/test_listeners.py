@@ -4,12 +4,12 @@ bounds each request; its client refuses malformed hits."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import http_server, reply
 
 from zerosearch.search.base import SearchError, SearchRequest
 from zerosearch.search.local import MAX_BODY_BYTES, MAX_TOPK, RetrieverClient, start_retriever_server
@@ -107,21 +107,14 @@ def test_retriever_client_rejects_malformed_hits(result) -> None:
 
         def do_POST(self) -> None:
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            data = json.dumps({"result": result}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            reply(self, 200, json.dumps({"result": result}).encode())
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/retrieve"
-    client = RetrieverClient(url, topk=2, max_retries=0, timeout_s=5)
-    try:
-        with pytest.raises(SearchError, match=f"retriever {url} answered"):
-            client.search([SearchRequest("q")])
-    finally:
-        client.close()
-        httpd.shutdown()
-        httpd.server_close()
+    with http_server(Handler) as httpd:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/retrieve"
+        client = RetrieverClient(url, topk=2, max_retries=0, timeout_s=5)
+        try:
+            with pytest.raises(SearchError, match=f"retriever {url} answered"):
+                client.search([SearchRequest("q")])
+        finally:
+            client.close()
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny_model
+from conftest import build_tiny_model, http_server
 
 from zerosearch.search import SearchRequest
 from zerosearch.search.base import format_docs
@@ -144,17 +143,13 @@ class _FakeJudge(BaseHTTPRequestHandler):
 
 
 def test_llm_judge_labels_through_an_openai_server(tmp_path: Path) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with http_server(_FakeJudge) as server:
         rows = [_record(i, [("", "Paris here" if i < 2 else "Paris, but not here"), ("", "x")], ["Paris"])
                 for i in range(5)]
         data = _write_jsonl(tmp_path / "records.jsonl", rows)
         judge = LLMJudge(f"http://127.0.0.1:{server.server_port}/v1", "judge", max_retries=0)
         s = label(data, tmp_path / "out.jsonl", judge=judge)
         judge.close()
-    finally:
-        server.shutdown()
     assert s.counts == {"useful": 2, "noisy": 3}  # the rule would call all five useful
     assert {r["judge"] for r in read_records(tmp_path / "out.jsonl")} == {"judge"}
 
