@@ -193,9 +193,10 @@ def test_gpu_launchers_resolve_upstream_schedules(script, estimator, n, actor_wa
 
 
 @pytest.mark.parametrize("config, estimator, warmups", [
-    ("cpu", "grpo", (0.95, 0.0)), ("cpu_reinforce", "reinforce", (0.95, 0.0)), ("cpu_ppo", "gae", (0.285, 0.015)),
+    # GRPO and REINFORCE on CPU warm up over 0.1 of their 20 steps, not upstream's 0.95 (docs/differences.md)
+    ("cpu", "grpo", (0.1, 0.0)), ("cpu_reinforce", "reinforce", (0.1, 0.0)), ("cpu_ppo", "gae", (0.285, 0.015)),
 ])
-def test_cpu_configs_inherit_upstream_schedules_and_sample_groups(config, estimator, warmups):
+def test_cpu_configs_schedules_and_sample_groups(config, estimator, warmups):
     cfg = load_config(config)
     assert cfg.algorithm.adv_estimator == estimator
     assert (cfg.actor.lr_warmup_steps_ratio, cfg.critic.lr_warmup_steps_ratio) == warmups

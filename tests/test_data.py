@@ -336,3 +336,36 @@ def test_build_prompt_has_question_and_tags():
                 "<answer>", "</answer>"):
         assert tag in text
     assert "{question}" not in text
+
+
+def test_worked_examples_vary_by_question_and_never_come_from_the_bundled_data():
+    from zerosearch.data import example_for, load_split
+    from zerosearch.data.qa import policy_examples
+
+    template = "policy_prompt_examples.txt"
+    pool = policy_examples()
+    test = load_split("default", "test")
+    chosen = [example_for(s.question, template) for s in test]
+    counts = {e["answer"]: sum(c is e for c in chosen) for e in pool}
+    assert min(counts.values()) > 0 and max(counts.values()) / len(test) < 0.2  # no one example in most prompts
+    assert example_for(test[0].question, template) is example_for(test[0].question + "  ", template)  # stable
+    prompt = build_prompt(test[0].question, template)[0]["content"]
+    example = chosen[0]
+    assert f"<search> {example['query']} </search>" in prompt and f"<answer> {example['answer']} </answer>" in prompt
+    assert prompt.rstrip().endswith(f"Question: {test[0].question}") and "{example}" not in prompt
+    questions = {s.question for split in ("train", "test") for s in load_split("default", split)}
+    assert not questions & {e["question"] for e in pool}
+    assert example_for(test[0].question, "policy_prompt_small.txt") is None  # a fixed template has none
+
+
+def test_train_sources_keep_only_those_rows_of_the_training_split():
+    from zerosearch.config import ConfigError, load_config
+    from zerosearch.rollout.factory import load_samples
+
+    cfg = load_config("cpu", ["data.train_sources=[2wikimultihopqa]"])
+    train = load_samples(cfg, "train")
+    assert len(train) == 203 and {s.data_source for s in train} == {"2wikimultihopqa"}
+    assert len(load_samples(cfg, "test")) == 150  # the held-out split is never filtered
+    cfg = load_config("cpu", ["data.train_sources=[musique]"])
+    with pytest.raises(ConfigError, match=r"data.train_sources=\['musique'\] matches no row.*'hotpotqa'"):
+        load_samples(cfg, "train")

@@ -171,3 +171,65 @@ def test_shaped_reward_gives_the_bonuses_only_with_an_answer():
     assert shaped_reward(0.0, False, True, 0.1, 0.1) == 0.0
     assert shaped_reward(0.0, False, False, 0.1, 0.1) == 0.0
     assert shaped_reward(0.4, True, True) == 0.4  # both scores 0: the plain F1/EM reward
+
+
+# --- copying the prompt's example, answers named in the question -----------------------------------
+
+
+def _traj(question, answer=None, queries=(), group=0, golds=("Paris",), documents=()):
+    from zerosearch.rollout.trajectory import Trajectory
+
+    t = Trajectory(0, group, question, list(golds), [1])
+    t.answer, t.queries, t.documents = answer, list(queries), list(documents)
+    t.num_searches = len(t.queries)
+    return t
+
+
+TEMPLATE = "policy_prompt_examples.txt"
+
+
+def test_an_answer_copying_the_prompt_example_earns_no_format_floor():
+    from zerosearch.data import example_for
+    from zerosearch.training.driver import score
+
+    q = "What is the capital of France?"
+    example = example_for(q, TEMPLATE)
+    copied = _traj(q, answer=f" {example['answer'].upper()} ", documents=["Paris is the capital"])
+    own = _traj(q, answer="Lyon", documents=["Paris is the capital"])
+    right = _traj(q, answer="Paris")
+    reward, _ = score([copied, own, right], "f1", format_score=0.1, retrieval_score=0.1, template=TEMPLATE)
+    assert reward.tolist() == pytest.approx([0.0, 0.2, 1.0])
+    # a template without examples: the same answer is an ordinary wrong answer
+    reward, _ = score([copied], "f1", format_score=0.1, template="policy_prompt_small.txt")
+    assert reward.tolist() == pytest.approx([0.1])
+
+
+def test_copy_metrics_count_the_example_and_the_most_common_string_once_per_prompt():
+    from zerosearch.data import example_for
+    from zerosearch.rollout.copying import copy_metrics
+
+    qs = [f"Question number {i}?" for i in range(4)]
+    ex = [example_for(q, TEMPLATE) for q in qs]
+    trajs = [_traj(qs[0], ex[0]["answer"], [ex[0]["query"]], group=0),
+             _traj(qs[0], "same", ["q0"], group=0),  # a group agreeing with itself is counted once
+             _traj(qs[1], "same", ["q1"], group=1),
+             _traj(qs[2], "other", ["common"], group=2),
+             _traj(qs[3], None, ["common"], group=3)]
+    m = copy_metrics(trajs, TEMPLATE)
+    assert m["copy/example_answer_share"] == pytest.approx(1 / 4)
+    assert m["copy/example_query_share"] == pytest.approx(1 / 5)
+    assert m["copy/top_answer_share"] == pytest.approx(2 / 3)  # "same": prompts 0 and 1 of the 3 that answered
+    assert m["copy/top_query_share"] == pytest.approx(2 / 4)  # "common": prompts 2 and 3
+
+
+def test_split_metrics_separate_questions_that_name_their_answer():
+    from zerosearch.rollout.copying import answer_in_question, split_metrics
+
+    assert answer_in_question("Which film came out first, Jaws or Star Wars?", ["Jaws"])
+    assert not answer_in_question("Who directed Jawsome?", ["Jaws"])  # whole words only
+    named = _traj("Which is older, Paris or Rome?", answer="Paris", queries=["x"])
+    open_ = _traj("What is the capital of France?", answer="Lyon", documents=["Paris"])
+    m = split_metrics([named, open_], [named.score(), open_.score()], [False, True], "val")
+    assert (m["val_named/f1"], m["val_open/f1"]) == (1.0, 0.0)
+    assert (m["val_named/searches_per_traj"], m["val_open/retrieval_hit"]) == (1.0, 1.0)
+    assert m["val_named/questions"] == m["val_open/questions"] == 1.0

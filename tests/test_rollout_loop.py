@@ -327,3 +327,40 @@ def test_noise_draws_are_the_same_whatever_the_number_of_ranks(smollm2_tokenizer
     assert rank0 + rank1 == whole
     assert rank0 != rank1  # trajectory i of rank 1 does not repeat rank 0's draws
     assert set(seeds0).isdisjoint(seeds1) and sorted(seeds0 + seeds1) == sorted(whole_seeds)
+
+
+# --- the chat protocol -----------------------------------------------------------------------------
+
+
+def test_chat_protocol_returns_documents_as_a_user_turn_of_the_chat_template(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    # the policy's first turn ends with EOS (the template's end-of-turn token): no second one is added
+    script = ["nothing useful<|im_end|>", *SEARCH_THEN_ANSWER]
+    loop, engine = make_loop(tok, [script], protocol="chat")
+    (traj,), _ = run(loop, engine, [sample(0)])
+    assert traj.finish_reason == "answer" and traj.answer == "Paris"
+    policy = tok.decode([t for t, m in zip(traj.response_ids, traj.loss_mask) if m == 1])
+    assert policy == "".join(script)
+    # the whole sequence is what the chat template renders for the same conversation
+    docs = "Doc 1(Title: Paris) Paris is the capital of France. [capital of France]"
+    expected = tok.apply_chat_template(
+        [*sample(0).prompt, {"role": "assistant", "content": "nothing useful"},
+         {"role": "user", "content": INVALID_ACTION_TEXT.strip()},
+         {"role": "assistant", "content": SEARCH_THEN_ANSWER[0]},
+         {"role": "user", "content": f"<information>{docs}</information>"},
+         {"role": "assistant", "content": SEARCH_THEN_ANSWER[1]}], tokenize=False)
+    got = tok.decode(traj.prompt_ids + traj.response_ids)
+    assert expected.startswith(got) and expected[len(got):].strip() == "<|im_end|>"
+    # and the next turn was generated from the opened assistant turn
+    assert tok.decode(engine.submitted[-1][1]).endswith("<|im_start|>assistant\n")
+
+
+def test_inline_protocol_keeps_one_assistant_message(smollm2_tokenizer):
+    loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER])
+    (traj,), _ = run(loop, engine, [sample(0)])
+    assert "<|im_start|>" not in smollm2_tokenizer.decode(traj.response_ids)
+
+
+def test_unknown_protocol_is_refused(smollm2_tokenizer):
+    with pytest.raises(ValueError, match="rollout.protocol"):
+        make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER], protocol="tool")

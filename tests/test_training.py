@@ -133,7 +133,7 @@ def test_log_probs_only_on_selected_tokens_match_a_full_forward(tiny_model_dir):
 
 @pytest.mark.parametrize("ratio, total, expected", [
     (0.5, 8, [0.25, 0.5, 0.75, 1, 1, 1, 1, 1]),
-    (0.95, 24, [min(1.0, k / 22) for k in range(1, 25)]),  # the CPU default: int(0.95 * 24) = 22 steps
+    (0.95, 24, [min(1.0, k / 22) for k in range(1, 25)]),  # upstream's GRPO ratio: int(0.95 * 24) = 22 steps
     (0.015, 24, [1.0] * 24),  # PPO's critic on the CPU default: int(0.36) = 0, no warm-up
     (0.0, 3, [1.0] * 3),
 ])
@@ -467,17 +467,22 @@ def test_summary_reports_heldout_reward_and_scores_before_and_after(tmp_path):
     from zerosearch.training.summary import write_summary
 
     val = [{"step": 0, "val/reward": 0.03, "val/f1": 0.0, "val/em": 0.0, "val/answer_rate": 0.3,
-            "val/searches_per_traj": 0.6},
+            "val/searches_per_traj": 0.6, "val/retrieval_hit": 0.1, "val_named/f1": 0.0, "val_open/f1": 0.0},
            {"step": 8, "val/reward": 0.15, "val/f1": 0.08, "val/em": 0.05, "val/answer_rate": 0.9,
-            "val/searches_per_traj": 0.2}]
-    rows = [{"step": 1, "reward/mean": 0.02}, *val, {"step": 8, "reward/mean": 0.1}]
+            "val/searches_per_traj": 0.2, "val/retrieval_hit": 0.3, "val_named/f1": 0.12, "val_open/f1": 0.04}]
+    rows = [{"step": 1, "reward/mean": 0.02, "copy/example_answer_share": 0.25}, *val,
+            {"step": 8, "reward/mean": 0.1, "copy/example_answer_share": 0.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = write_summary(tmp_path, {"val": val}, steps=8, wall_s=120.0, peak_rss_gib=3.5, simulated_queries=12)
     assert summary["heldout_reward_before"] == 0.03 and summary["heldout_reward_after"] == 0.15
     assert summary["heldout_f1_before"] == 0.0 and summary["heldout_f1_after"] == 0.08
+    assert (summary["heldout_searches_before"], summary["heldout_searches_after"]) == (0.6, 0.2)
+    assert (summary["heldout_retrieval_hit_before"], summary["heldout_retrieval_hit_after"]) == (0.1, 0.3)
+    assert (summary["heldout_f1_answer_named_after"], summary["heldout_f1_answer_open_after"]) == (0.12, 0.04)
+    assert summary["train_copy_example_answer_share_max"] == 0.25  # the worst step, not the last
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     table = (tmp_path / "summary.md").read_text()
-    assert "| reward | 0.0300 | 0.1500 |" in table and "| f1 | 0.0000 | 0.0800 |" in table
+    assert "| reward | 0.0300 | 0.1500 |" in table and "| F1 | 0.0000 | 0.0800 |" in table
     assert (tmp_path / "reward_curve.png").stat().st_size > 0
 
 

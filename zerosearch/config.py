@@ -30,6 +30,7 @@ KL_TYPES = ("k1", "k2", "k3", "low_var_kl", "kl", "mse")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 REWARD_METRICS = ("f1", "em")
 POLICY_ENGINES = ("vllm", "hf")
+ROLLOUT_PROTOCOLS = ("inline", "chat")
 SIM_SERVER_ENGINES = ("auto", "vllm", "sglang")
 DEVICES = ("auto", "cpu", "cuda")
 LOGGERS = ("console", "jsonl", "wandb")
@@ -66,6 +67,8 @@ class DataConfig:
     """Prompts longer than this many tokens are rejected with an error naming the row."""
     shuffle: bool = True
     """Shuffle the training prompts every epoch (seeded by `trainer.seed`)."""
+    train_sources: list[str] = field(default_factory=list)
+    """Train only on rows whose `data_source` is one of these (empty = all rows)."""
 
 
 @dataclass
@@ -88,6 +91,9 @@ class RolloutConfig:
     """Retrieved `<information>` longer than this many tokens is truncated (counted in the metrics)."""
     max_total_length: int = 4096
     """Most tokens of prompt + whole response; a trajectory that reaches it stops (finish reason `length`)."""
+    protocol: str = "inline"
+    """How search results return: `inline` (upstream: inside the one assistant message, for base models) or
+    `chat` (a new user turn of the chat template, as verl's tool agent loop; for instruct models)."""
     gpu_memory_utilization: float = 0.5
     """Share of GPU memory vLLM may take (GPU only)."""
     tensor_parallel_size: int = 1
@@ -434,6 +440,7 @@ def validate(cfg: Config) -> None:
     _one_of(cfg.model.autocast_dtype, ("", "bfloat16", "float16"), "model.autocast_dtype")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     _one_of(r.engine, POLICY_ENGINES, "rollout.engine")
+    _one_of(r.protocol, ROLLOUT_PROTOCOLS, "rollout.protocol")
     _check(r.n >= 1, "rollout.n", f"{r.n} < 1")
     _check(r.max_turns >= 0, "rollout.max_turns", f"{r.max_turns} < 0; set MAX_TURNS 5 (0 = answer without searching)")
     _check(r.max_response_length >= 1 and r.max_obs_length >= 1, "rollout", "max_response_length and max_obs_length must be >= 1")

@@ -53,6 +53,12 @@ def main() -> int:
         "trainer.save_freq": 0, "trainer.output_dir": work / "runs", "trainer.experiment_name": "w1",
         "trainer.logger": "[jsonl]", "trainer.dump_rollouts": False, "trainer.resume": "never",
         "trainer.final_checkpoint": False,
+        # W1's own settings, not whatever configs/cpu.yaml holds today: no gradient checkpointing (a memory
+        # trade-off the main job makes, ~20 % of step time), no entropy bonus (TRL's GRPO has none), no warm-up,
+        # fp32 master weights with bf16 autocast (zerosearch's CPU training path; TRL runs plain fp32)
+        "model.gradient_checkpointing": False, "model.dtype": "float32", "model.autocast_dtype": "bfloat16",
+        "actor.entropy_coeff": 0.0, "actor.lr_warmup_steps_ratio": 0.0, "data.train_sources": "[]",
+        "actor.micro_batch_size": 4, "actor.micro_batch_tokens": 1024,
     }
     cfg = load_config("cpu", [f"{k}={v}" for k, v in overrides.items()] + args.overrides)
     summary = train(cfg)

@@ -18,6 +18,7 @@ Every row is checked; a malformed one raises `DataFormatError` naming the file, 
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 POLICY_PROMPT_FILE = TEMPLATE_DIR / "policy_prompt.txt"
+EXAMPLES_FILE = TEMPLATE_DIR / "policy_examples.jsonl"
 QUESTION_MARKER = "Question:"  # the policy template ends with "Question: {question}"
 
 HF_DOWNLOAD_HINT = (
@@ -98,10 +100,40 @@ def _policy_template(name: str = "") -> str:
     return path.read_text(encoding="utf-8")
 
 
+@lru_cache(maxsize=1)
+def policy_examples() -> tuple[dict, ...]:
+    """The pool of worked examples a template's `{example}` draws from (`templates/policy_examples.jsonl`):
+    made-up general-knowledge questions, none from the bundled data."""
+    with open(EXAMPLES_FILE, encoding="utf-8") as f:
+        return tuple(json.loads(line) for line in f if line.strip())
+
+
+def example_for(question: str, template: str = "") -> dict | None:
+    """The worked example the prompt of `question` shows, or None when `template` has no `{example}`.
+
+    Each question gets one example of the pool, fixed by a hash of its text, so no single example string
+    sits in most prompts: a policy that copies its example is visible (`copy/*` metrics) and earns nothing
+    for it (`rewards.copies_example`)."""
+    if "{example}" not in _policy_template(template):
+        return None
+    pool = policy_examples()
+    return pool[zlib.crc32(question.strip().encode("utf-8")) % len(pool)]
+
+
+def render_example(example: dict) -> str:
+    return (f"Question: {example['question']}\n<search> {example['query']} </search>\n"
+            f"<information> {example['documents']} </information>\n<answer> {example['answer']} </answer>")
+
+
 def build_prompt(question: str, template: str = "") -> list[dict]:
     """The policy prompt for `question`: one user message from `templates/policy_prompt.txt`
-    (or `template`: a file of `templates/` by name, or a path)."""
-    return [{"role": "user", "content": _policy_template(template).replace("{question}", question.strip())}]
+    (or `template`: a file of `templates/` by name, or a path). A `{example}` in the template becomes the
+    question's worked example (`example_for`)."""
+    text = _policy_template(template)
+    example = example_for(question, template)
+    if example is not None:
+        text = text.replace("{example}", render_example(example))
+    return [{"role": "user", "content": text.replace("{question}", question.strip())}]
 
 
 def default_data_dir() -> Path:

@@ -10,7 +10,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
-from zerosearch.config import Config
+from zerosearch.config import Config, ConfigError
 from zerosearch.data import build_prompt, load_split, resolve_corpus
 from zerosearch.models import resolve_model_path
 from zerosearch.rollout.engines import SamplingSpec, build_policy_engine
@@ -21,8 +21,16 @@ logger = logging.getLogger("zerosearch.rollout")
 
 
 def load_samples(cfg: Config, split: str):
-    """A split of `data.path`, with prompts rebuilt from `data.prompt_template` when it is set."""
+    """A split of `data.path`, with prompts rebuilt from `data.prompt_template` when it is set; the training
+    split keeps only `data.train_sources` when that is set."""
     samples = load_split(cfg.data.path, split)
+    sources = cfg.data.train_sources
+    if sources and split == cfg.data.train_split:
+        found = {s.data_source for s in samples}
+        if not set(sources) & found:
+            raise ConfigError(f"data.train_sources={list(sources)} matches no row of the {split!r} split of "
+                              f"{cfg.data.path}; its sources are {sorted(found)}")
+        samples = [s for s in samples if s.data_source in sources]
     if cfg.data.prompt_template:
         for sample in samples:
             sample.prompt = build_prompt(sample.question, cfg.data.prompt_template)
@@ -39,6 +47,7 @@ def loop_settings(cfg: Config) -> LoopSettings:
         max_prompt_length=cfg.data.max_prompt_length,
         search_concurrency=cfg.search.concurrency,
         max_search_error_share=cfg.search.max_error_share,
+        protocol=cfg.rollout.protocol,
     )
 
 

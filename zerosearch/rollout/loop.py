@@ -10,6 +10,12 @@ even as the batch thins out in later turns.
 Turns follow upstream: up to `max_turns` action turns, then one last generation in which a
 search is no longer executed (finish reason `max_turns` unless it answers).
 
+Two protocols (`rollout.protocol`): `inline`, upstream's, appends the `<information>` block (and the
+invalid-action feedback) inside the one assistant message the policy keeps writing, as a base model
+expects; `chat` closes the assistant turn, returns the block as a new user turn of the chat template and
+opens the next assistant turn, as verl's tool agent loop does for instruct models. Either way the added
+tokens are observation tokens (mask 0).
+
 A search that fails (a SearchError: the backend's retries are spent, or its reply was malformed) ends
 that trajectory with finish reason `error`; the batch goes on. Only when more than
 `max_search_error_share` of the batch's searches fail does `run` raise, with the first error (which names
@@ -26,6 +32,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zerosearch.config import ROLLOUT_PROTOCOLS as PROTOCOLS
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
 from zerosearch.rollout.trajectory import Trajectory
@@ -53,6 +60,8 @@ class LoopSettings:
     """Most search calls in flight at once."""
     max_search_error_share: float = 0.2
     """`run` raises when more than this share of a batch's searches fail; fewer end only their trajectories."""
+    protocol: str = "inline"
+    """`inline` (upstream: observations inside the assistant message) or `chat` (a new user turn)."""
 
 
 @dataclass
@@ -92,6 +101,20 @@ class LoopStats:
         }
 
 
+def chat_turn_wrap(tokenizer) -> tuple[str, str]:
+    """The chat template's text between an assistant message and a following user message's content, and
+    between that content and the next generation prompt: what `chat` wraps an observation in."""
+    marker_a, marker_u = "\x00A\x00", "\x00U\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker_a},
+         {"role": "user", "content": marker_u}], add_generation_prompt=True, tokenize=False)
+    if marker_a not in text or marker_u not in text:
+        raise ValueError("rollout.protocol=chat needs a chat template that renders assistant and user turns")
+    between = text.split(marker_a, 1)[1]
+    before, after = between.split(marker_u, 1)
+    return before, after
+
+
 def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Chat messages -> prompt token ids, ending with the assistant generation prompt."""
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -105,10 +128,22 @@ class AgentLoop:
 
     def __init__(self, engine: PolicyEngine, search: SearchBackend, tokenizer, settings: LoopSettings):
         self.engine, self.search, self.tokenizer, self.settings = engine, search, tokenizer, settings
+        if settings.protocol not in PROTOCOLS:
+            raise ValueError(f"rollout.protocol must be one of {PROTOCOLS}, got {settings.protocol!r}")
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
         self._invalid_ids = encode(INVALID_ACTION_TEXT)
         self._info_prefix_ids = encode(INFORMATION_PREFIX)
         self._info_suffix_ids = encode(INFORMATION_SUFFIX)
+        self._turn_open_ids: list[int] = []
+        self._turn_close_ids: list[int] = []
+        self._eos_id = tokenizer.eos_token_id
+        if settings.protocol == "chat":
+            before, after = chat_turn_wrap(tokenizer)
+            self._turn_open_ids = encode(before)
+            self._turn_close_ids = encode(after)
+            self._invalid_ids = encode(INVALID_ACTION_TEXT.strip())
+            self._info_prefix_ids = encode(INFORMATION_PREFIX.strip())
+            self._info_suffix_ids = encode(INFORMATION_SUFFIX.strip())
         self._pool = ThreadPoolExecutor(max_workers=settings.search_concurrency, thread_name_prefix="search")
 
     def close(self) -> None:
@@ -222,8 +257,18 @@ class AgentLoop:
             self._stats.max_queries_in_flight = max(self._stats.max_queries_in_flight, len(self._pending))
             return
         traj.num_invalid += 1
-        traj.append_observation(self._invalid_ids)
+        traj.append_observation(self._wrap(traj, self._invalid_ids))
         self._submit_turn(traj)
+
+    def _wrap(self, traj: Trajectory, ids: list[int]) -> list[int]:
+        """An observation as the protocol adds it: as is (`inline`), or as a user turn (`chat`), without a
+        second end-of-turn token when the policy's turn already ended with one."""
+        if self.settings.protocol == "inline":
+            return ids
+        open_ids = self._turn_open_ids
+        if open_ids and traj.response_ids and traj.response_ids[-1] == self._eos_id == open_ids[0]:
+            open_ids = open_ids[1:]
+        return open_ids + ids + self._turn_close_ids
 
     def _on_search_result(self, traj: Trajectory, result: SearchResult) -> None:
         if result.noisy is None and traj.noisy_flags:
@@ -235,7 +280,7 @@ class AgentLoop:
             traj.obs_truncated += 1
             document = self.tokenizer.decode(doc_ids)  # only what the policy saw can count as retrieved
         traj.documents.append(document)
-        traj.append_observation(self._info_prefix_ids + doc_ids + self._info_suffix_ids)
+        traj.append_observation(self._wrap(traj, self._info_prefix_ids + doc_ids + self._info_suffix_ids))
         self._submit_turn(traj)
 
     def _on_search_error(self, traj: Trajectory, exc: SearchError) -> None:

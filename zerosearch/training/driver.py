@@ -21,6 +21,8 @@ from zerosearch.algos import get_advantage_estimator, kl_penalty, outcome_to_tok
 from zerosearch.config import Config, ConfigError, save_config
 from zerosearch.curriculum import NoiseCurriculum
 from zerosearch.data import PromptSampler
+from zerosearch.rewards import retrieval_hit
+from zerosearch.rollout.copying import copy_metrics, split_metrics
 from zerosearch.rollout.factory import load_samples, start_simulation_servers
 from zerosearch.rollout.trajectory import Trajectory
 from zerosearch.training import checkpoint, rundir
@@ -181,16 +183,19 @@ def gpu_placement(ray, cfg: Config, world: int, stack: ExitStack):
 
 
 def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0,
-          retrieval_score: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+          retrieval_score: float = 0.0, template: str = "") -> tuple[torch.Tensor, dict[str, float]]:
     """The reward of each trajectory: F1 or EM of its answer with Search-R1's shaping (`rewards.shaped_reward`):
     an answered trajectory earns at least `format_score`, plus `retrieval_score` when a document the search
-    backend returned to it held a gold answer."""
+    backend returned to it held a gold answer. An answer that copies its prompt's worked example (`template`'s
+    `{example}`) earns neither."""
     from zerosearch.rewards import retrieval_hit, shaped_reward
+    from zerosearch.rollout.copying import copies_example
 
     scores = [t.score() for t in trajs]
     hits = [retrieval_hit(t.documents, t.golden_answers) for t in trajs]
-    reward = torch.tensor([shaped_reward(s[metric], t.answer is not None, hit, format_score, retrieval_score)
-                           for s, t, hit in zip(scores, trajs, hits)], dtype=torch.float32)  # [B]
+    valid = [t.answer is not None and not copies_example(t, template) for t in trajs]
+    reward = torch.tensor([shaped_reward(s[metric], ok, hit, format_score, retrieval_score)
+                           for s, ok, hit in zip(scores, valid, hits)], dtype=torch.float32)  # [B]
     n = max(len(trajs), 1)
     return reward, {
         "reward/mean": float(reward.mean()) if len(trajs) else 0.0,
@@ -263,7 +268,7 @@ def rollout(actor: WorkerGroup, samples, p_noisy: float, step: int, validate: bo
     return trajs, merged
 
 
-def validate(actor: WorkerGroup, samples, step: int, cfg: Config) -> dict[str, float]:
+def validate(actor: WorkerGroup, samples, step: int, cfg: Config, run_dir: str | Path | None = None) -> dict[str, float]:
     """Greedy rollouts on the held-out split, searching what `trainer.val_search` names.
 
     `val/...`: through the real engine (`search.engine`), as upstream validates. `val_oracle/...`: through
@@ -276,12 +281,28 @@ def validate(actor: WorkerGroup, samples, step: int, cfg: Config) -> dict[str, f
             continue
         trajs, m = rollout(actor, samples, 0.0, step, validate=True, oracle=oracle)
         a = cfg.algorithm
-        _, r = score(trajs, a.reward_metric, a.format_score, a.retrieval_score)
+        _, r = score(trajs, a.reward_metric, a.format_score, a.retrieval_score, cfg.data.prompt_template)
         out.update({f"{prefix}/reward": r["reward/mean"], f"{prefix}/f1": r["reward/f1"],
                     f"{prefix}/em": r["reward/em"], f"{prefix}/retrieval_hit": r["reward/retrieval_hit"],
                     f"{prefix}/answer_rate": m["rollout/answer_rate"],
                     f"{prefix}/searches_per_traj": m["rollout/searches_per_traj"]})
+        out.update(copy_metrics(trajs, cfg.data.prompt_template, prefix=f"{prefix}_copy"))
+        scores = [t.score() for t in trajs]
+        hits = [retrieval_hit(t.documents, t.golden_answers) for t in trajs]
+        out.update(split_metrics(trajs, scores, hits, prefix))
+        if run_dir is not None:
+            write_rollouts(Path(run_dir) / "val_rollouts" / f"{prefix}_step_{step}.jsonl", trajs)
     return out
+
+
+def write_rollouts(path: Path, trajs: list[Trajectory]) -> None:
+    """Each trajectory's question, answers, queries, documents and text as one JSON row: what validation saw."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for t in trajs:
+            row = {k: v for k, v in t.to_record().items() if k not in ("prompt_ids", "response_ids", "loss_mask")}
+            row["f1"] = t.score()["f1"]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 # --- the loop ---------------------------------------------------------------------------------------
@@ -370,7 +391,7 @@ def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, tra
         stack.callback(tracker.close)
         t = cfg.trainer
         if start_step == 0 and t.val_before_train and t.test_freq != 0:
-            val = validate(actor, val_samples, 0, cfg)
+            val = validate(actor, val_samples, 0, cfg, run_dir)
             history["val"].append({"step": 0, **val})
             tracker.log(0, val)
             for prefix, searched in _validation_searches(cfg).items():
@@ -388,7 +409,7 @@ def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, tra
                             if k in ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
             search_before = search_now
             if (t.test_freq > 0 and step % t.test_freq == 0) or (step == t.total_steps and t.test_freq != 0):
-                val = validate(actor, val_samples, step, cfg)
+                val = validate(actor, val_samples, step, cfg, run_dir)
                 history["val"].append({"step": step, **val})
                 metrics.update(val)
             metrics["memory/peak_rss_gib"] = memory.peak_gib
@@ -456,7 +477,8 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
         t.train_observations = not cfg.algorithm.mask_retrieved_tokens
     with timer("reward"):
         a = cfg.algorithm
-        reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score)
+        reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score,
+                                       cfg.data.prompt_template)
     if cfg.trainer.dump_rollouts:
         dump_rollouts((run_dir or run_dir_for(cfg)) / "rollouts" / f"step_{step}.jsonl", trajs, reward)
     shards = split(len(trajs), actor.world)  # equal shares: train() checks that B divides
@@ -490,6 +512,7 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
         metrics["timing/weight_push_s"] = max(actor.call("sync_weights"))
     step_s = time.perf_counter() - t0
     metrics.update(reward_metrics)
+    metrics.update(copy_metrics(trajs, cfg.data.prompt_template))
     metrics.update(adv_metrics)
     metrics.update(timer.pop())
     tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)

@@ -53,6 +53,32 @@ def plot_reward_curve(run_dir: Path, rows: list[dict]) -> Path | None:
     return path
 
 
+# (metric, summary name): besides F1/EM/reward, what shows whether the policy learned to search
+SUMMARY_KEYS = (
+    ("val/searches_per_traj", "searches"),
+    ("val/retrieval_hit", "retrieval_hit"),
+    ("val/answer_rate", "answer_rate"),
+    ("val_named/f1", "f1_answer_named"),
+    ("val_open/f1", "f1_answer_open"),
+    ("val_named/searches_per_traj", "searches_answer_named"),
+    ("val_open/searches_per_traj", "searches_answer_open"),
+    ("val_copy/example_answer_share", "copy_example_answer"),
+    ("val_copy/example_query_share", "copy_example_query"),
+    ("val_copy/top_answer_share", "top_answer_share"),
+    ("val_copy/top_query_share", "top_query_share"),
+)
+# rows of summary.md
+TABLE_KEYS = (
+    ("val/reward", "reward"), ("val/f1", "F1"), ("val/em", "EM"), ("val/answer_rate", "answer rate"),
+    ("val/searches_per_traj", "searches per question"),
+    ("val/retrieval_hit", "questions whose retrieved documents hold a gold answer"),
+    ("val_named/f1", "F1, answer named in the question"), ("val_open/f1", "F1, the other questions"),
+    ("val_copy/example_answer_share", "answers copying the prompt's example"),
+    ("val_copy/top_answer_share", "questions sharing the most common answer"),
+    ("val_copy/top_query_share", "questions sharing the most common query"),
+)
+
+
 def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_rss_gib: float,
                   simulated_queries: float, heldout_search: str | None = None,
                   oracle_search: str | None = None) -> dict:
@@ -71,6 +97,13 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
         "heldout_reward_before": before.get("val/reward") if before else None,
         "heldout_reward_after": after.get("val/reward") if after else None,
     }
+    for key, name in SUMMARY_KEYS:
+        summary[f"heldout_{name}_before"] = before.get(key) if before else None
+        summary[f"heldout_{name}_after"] = after.get(key) if after else None
+    train_rows = [r for r in rows if "copy/example_answer_share" in r]
+    for key in ("example_answer_share", "example_query_share", "top_answer_share", "top_query_share"):
+        # the worst step of training: a copy that came and went is still reported
+        summary[f"train_copy_{key}_max"] = max((r[f"copy/{key}"] for r in train_rows), default=None)
     if oracle_search:
         summary.update({
             "oracle_search": oracle_search,
@@ -86,7 +119,7 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_reward_curve(run_dir, rows)
     lines = ["| held-out (greedy) | before | after |", "|---|---|---|"]
-    keys = [(f"val/{k}", k) for k in ("reward", "f1", "em", "answer_rate", "searches_per_traj")]
+    keys = list(TABLE_KEYS)
     if oracle_search:
         keys += [(f"val_oracle/{k}", f"oracle {k}") for k in ("f1", "em")]
     for key, name in keys:

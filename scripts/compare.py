@@ -1,0 +1,128 @@
+"""The paper's comparison in miniature: the same training budget, the same held-out questions, real search.
+
+    .venv/bin/python scripts/compare.py [--variants NAME ...] [--seeds 1 2 3] [--out runs/compare] [key=value ...]
+
+Every trained variant is `zerosearch train --config cpu` with its overrides (and the extra `key=value`s given
+here, e.g. `trainer.total_steps=24`); each validates with greedy rollouts through BM25 over the bundled corpus on
+the bundled held-out 2WikiMultiHopQA questions, before and after training (`summary.json`). The untrained rows are
+`zerosearch eval` on the same questions. A finished run (its `summary.json` exists) is read, not run again, so
+the script can be stopped and started. It prints one markdown table (mean and spread over the seeds) and writes
+it to `OUT/comparison.md` with every run's numbers in `OUT/comparison.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (what it is, overrides of configs/cpu.yaml)
+TRAINED = {
+    "rl_no_search": ("RL without search (direct answers only)", ["rollout.max_turns=0"]),
+    "rl_real": ("RL against the real engine (Search-R1 style, BM25)", ["search.mode=wiki"]),
+    "rl_sim_prompt": ("RL against the prompt-mode simulator (the main job)", []),
+    "rl_sim_sft": ("RL against the fine-tuned simulator (docs/simulator.md)",
+                   ["search.mode=simulate_sft", "search.simulation_llm=runs/simulator/sim-smollm2"]),
+    "fixed_noise": ("ablation: fixed noise 0.25 instead of the 0 -> 0.5 curriculum",
+                    ["search.start_threshold=0.25", "search.end_threshold=0.25"]),
+    "mask_off": ("ablation: retrieved tokens carry loss", ["algorithm.mask_retrieved_tokens=false"]),
+}
+UNTRAINED = {
+    "untrained_direct": ("untrained: direct answer", "direct"),
+    "untrained_rag": ("untrained: one search with the question (RAG)", "rag"),
+    "untrained_agent": ("untrained: agent loop", "agent"),
+}
+COLUMNS = [("f1", "F1"), ("f1_answer_named", "F1 named"), ("f1_answer_open", "F1 open"),
+           ("searches", "searches/q"), ("retrieval_hit", "retrieval hit"), ("answer_rate", "answer rate")]
+
+
+def run(cmd: list[str], log: Path) -> None:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print("$", " ".join(cmd), f"> {log}", flush=True)
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if code:
+        sys.exit(f"failed with status {code}; see {log}")
+
+
+def trained(name: str, seed: int, out: Path, extra: list[str]) -> dict:
+    run_dir = out / f"{name}-s{seed}"
+    summary = run_dir / "summary.json"
+    if not summary.exists():
+        overrides = [*TRAINED[name][1], f"trainer.seed={seed}", f"trainer.output_dir={out}",
+                     f"trainer.experiment_name={run_dir.name}", *extra]
+        run([sys.executable, "-m", "zerosearch.cli", "train", "--algo", "grpo", *overrides], out / f"{run_dir.name}.log")
+    s = json.loads(summary.read_text())
+    return {"before": {k: s.get(f"heldout_{k}_before") for k, _ in COLUMNS},
+            "after": {k: s.get(f"heldout_{k}_after") for k, _ in COLUMNS}}
+
+
+def untrained(name: str, out: Path, extra: list[str]) -> dict:
+    """`zerosearch eval` of the untrained policy on the validation questions of the trained runs."""
+    from zerosearch.config import load_config
+    from zerosearch.rollout.copying import answer_in_question
+
+    cfg = load_config("cpu", extra)
+    eval_dir = out / name
+    if not (eval_dir / "predictions.jsonl").exists():
+        run([sys.executable, "-m", "zerosearch.cli", "eval", "--model", cfg.model.path, "--data",
+             str(ROOT / "zerosearch/data/default/test.parquet"), "--method", UNTRAINED[name][1],
+             "--limit", str(cfg.data.val_size), "--output", str(eval_dir), *extra], out / f"{name}.log")
+    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
+    named = [answer_in_question(r["question"], r["golden_answers"]) for r in rows]
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    return {"after": {
+        "f1": mean([r["f1"] for r in rows]),
+        "f1_answer_named": mean([r["f1"] for r, n in zip(rows, named) if n]),
+        "f1_answer_open": mean([r["f1"] for r, n in zip(rows, named) if not n]),
+        "searches": mean([r["num_searches"] for r in rows]),
+        "retrieval_hit": None,
+        "answer_rate": mean([r["prediction"] is not None for r in rows]),
+    }}
+
+
+def cell(values: list) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variants", nargs="+", default=[*UNTRAINED, *TRAINED], choices=[*UNTRAINED, *TRAINED])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    args, extra = parser.parse_known_args()
+    results: dict[str, list[dict]] = {}
+    for name in args.variants:
+        if name in UNTRAINED:
+            results[name] = [untrained(name, args.out, extra)]
+        else:
+            results[name] = [trained(name, seed, args.out, extra) for seed in args.seeds]
+    head = "| variant | runs | " + " | ".join(f"{title} after (before)" for _, title in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 2) + "|"]
+    for name, runs in results.items():
+        title = (UNTRAINED.get(name) or TRAINED[name])[0]
+        cells = []
+        for key, _ in COLUMNS:
+            after = cell([r["after"][key] for r in runs])
+            before = cell([r["before"][key] for r in runs if "before" in r])
+            cells.append(after if before == "-" else f"{after} ({before})")
+        lines.append(f"| {title} | {len(runs)} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "comparison.md").write_text(table + "\n")
+    (args.out / "comparison.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

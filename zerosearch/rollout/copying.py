@@ -1,0 +1,82 @@
+"""Degenerate-output checks: answers and queries that copy the prompt's worked example, or one string
+that most questions get, and the split of questions whose answer the question itself names.
+
+A small model collects the format reward by replaying its prompt's example ("William Shakespeare" for
+every question); a rise in reward bought that way is not learning. These shares are logged every step
+(`copy/...`) and for validation, and `rewards.shaped_reward` pays no format floor for a copied answer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from zerosearch.data import example_for
+from zerosearch.rewards import normalize_answer
+
+
+def _norm(text: str | None) -> str:
+    return normalize_answer(text) if text else ""
+
+
+def copies_example(traj, template: str) -> bool:
+    """The trajectory's answer is its prompt's worked-example answer (never a right answer: the examples
+    are made-up questions outside the data)."""
+    example = example_for(traj.question, template)
+    if example is None or traj.answer is None:
+        return False
+    return _norm(traj.answer) == _norm(example["answer"])
+
+
+def answer_in_question(question: str, golden_answers) -> bool:
+    """A gold answer is named in the question ("Which film came out first, A or B?"): a policy can guess it
+    without searching."""
+    q = f" {_norm(question)} "
+    return any(_norm(g) and f" {_norm(g)} " in q for g in golden_answers)
+
+
+def _top_share(groups: dict[int, set[str]]) -> float:
+    """Share of the prompts whose outputs include the single most common string (each prompt counted once,
+    so a group of rollouts agreeing on its own answer is not a copy)."""
+    counts = Counter(s for strings in groups.values() for s in strings)
+    if not counts:
+        return 0.0
+    return counts.most_common(1)[0][1] / len(groups)
+
+
+def copy_metrics(trajs, template: str, prefix: str = "copy") -> dict[str, float]:
+    answers = [t for t in trajs if t.answer is not None]
+    queries = [(t, q) for t in trajs for q in t.queries]
+    example_queries = 0
+    for t, q in queries:
+        example = example_for(t.question, template)
+        example_queries += example is not None and _norm(q) == _norm(example["query"])
+    answer_groups: dict[int, set[str]] = {}
+    query_groups: dict[int, set[str]] = {}
+    for t in answers:
+        answer_groups.setdefault(t.group, set()).add(_norm(t.answer))
+    for t, q in queries:
+        query_groups.setdefault(t.group, set()).add(_norm(q))
+    return {
+        f"{prefix}/example_answer_share": sum(copies_example(t, template) for t in answers) / max(len(answers), 1),
+        f"{prefix}/example_query_share": example_queries / max(len(queries), 1),
+        f"{prefix}/top_answer_share": _top_share(answer_groups),
+        f"{prefix}/top_query_share": _top_share(query_groups),
+    }
+
+
+def split_metrics(trajs, scores: list[dict], hits: list[bool], prefix: str) -> dict[str, float]:
+    """F1, answer rate, searches and retrieval hits for questions whose answer the question names
+    (`{prefix}_named/...`) and for the rest (`{prefix}_open/...`)."""
+    out = {}
+    named = [answer_in_question(t.question, t.golden_answers) for t in trajs]
+    for part, want in (("named", True), ("open", False)):
+        idx = [i for i, x in enumerate(named) if x == want]
+        n = max(len(idx), 1)
+        out.update({
+            f"{prefix}_{part}/f1": sum(scores[i]["f1"] for i in idx) / n,
+            f"{prefix}_{part}/answer_rate": sum(trajs[i].answer is not None for i in idx) / n,
+            f"{prefix}_{part}/searches_per_traj": sum(trajs[i].num_searches for i in idx) / n,
+            f"{prefix}_{part}/retrieval_hit": sum(hits[i] for i in idx) / n,
+            f"{prefix}_{part}/questions": float(len(idx)),
+        })
+    return out
