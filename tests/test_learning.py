@@ -61,8 +61,8 @@ def _yes_rates(tmp_path, lr: float, steps: int) -> list[float]:
 def test_reward_goes_up(tmp_path):
     if embedded_dir() is None:
         pytest.skip("the embedded model is not built; run `zerosearch fetch-model`")
-    learned = _yes_rates(tmp_path / "learn", lr=5e-5, steps=6)
-    control = _yes_rates(tmp_path / "control", lr=1e-9, steps=6)  # the config refuses a rate of 0
+    learned = _yes_rates(tmp_path / "learn", lr=5e-5, steps=4)
+    control = _yes_rates(tmp_path / "control", lr=1e-9, steps=4)  # the config refuses a rate of 0
     print(json.dumps({"learned": learned, "control": control}))
     assert learned[0] < 0.8  # room to rise
     assert sum(learned[-2:]) / 2 - learned[0] > 0.15, learned

@@ -634,6 +634,9 @@ def test_validation_searches_the_engine_and_the_summary_names_it(workspace, tiny
     assert "held-out search: wiki: BM25 over corpus.jsonl" in (run_dir / "summary.md").read_text()
     val_rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "val/f1" in r]
     assert [r["step"] for r in val_rows] == [0, 1] and not any("val_oracle/f1" in r for r in val_rows)
+    assert summary["heldout_searches_before"] is not None and summary["heldout_retrieval_hit_after"] is not None
+    saved = [json.loads(line) for line in (run_dir / "val_rollouts" / "val_step_1.jsonl").read_text().splitlines()]
+    assert len(saved) == 2 and {"question", "answer", "queries", "documents", "f1"} <= set(saved[0])
 
 
 def test_a_simulated_training_validates_through_the_real_engine(workspace, tiny_model_dir):
