@@ -692,7 +692,10 @@ def test_validation_metrics_are_named_by_what_was_searched(val_search, prefixes)
     actor = WorkerGroup(SimpleNamespace(get=lambda refs: refs), [SimpleNamespace(rollout=SimpleNamespace(remote=remote))])
     cfg = load_config("cpu", [f"trainer.val_search={val_search}"])
     metrics = validate(actor, ["q"], 8, cfg)
-    assert sorted({k.split("/")[0] for k in metrics}) == prefixes
+    assert sorted({k.split("/")[0] for k in metrics if k.endswith("/f1") and "_named" not in k
+                   and "_open" not in k}) == prefixes
+    for prefix in prefixes:  # each search also gets its copy shares and its named/open split
+        assert {f"{prefix}_copy/example_answer_share", f"{prefix}_named/f1", f"{prefix}_open/f1"} <= set(metrics)
     assert [oracle for _, oracle, _ in calls] == [p == "val_oracle" for p in prefixes]
     assert all(v and p == 0.0 for v, _, p in calls)
     if "val" in prefixes:

@@ -68,7 +68,8 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle the training prompts every epoch (seeded by `trainer.seed`)."""
     train_sources: list[str] = field(default_factory=list)
-    """Train only on rows whose `data_source` is one of these (empty = all rows)."""
+    """Train only on rows whose `data_source` is one of these (empty = all rows; a split holding none of them is
+    kept whole, with a warning)."""
 
 
 @dataclass

@@ -10,7 +10,7 @@ import logging
 from contextlib import ExitStack
 from pathlib import Path
 
-from zerosearch.config import Config, ConfigError
+from zerosearch.config import Config
 from zerosearch.data import build_prompt, load_split, resolve_corpus
 from zerosearch.models import resolve_model_path
 from zerosearch.rollout.engines import SamplingSpec, build_policy_engine
@@ -27,9 +27,11 @@ def load_samples(cfg: Config, split: str):
     sources = cfg.data.train_sources
     if sources and split == cfg.data.train_split:
         found = {s.data_source for s in samples}
-        if not set(sources) & found:
-            raise ConfigError(f"data.train_sources={list(sources)} matches no row of the {split!r} split of "
-                              f"{cfg.data.path}; its sources are {sorted(found)}")
+        if not set(sources) & found:  # other data than the sources were chosen for: keep it whole, and say so
+            logger.warning("data.train_sources=%s matches no row of the %r split of %s (its sources: %s); "
+                           "training on all of it. Set data.train_sources=[] to silence this.", list(sources), split,
+                           cfg.data.path, sorted(found))
+            return samples
         samples = [s for s in samples if s.data_source in sources]
     if cfg.data.prompt_template:
         for sample in samples:

@@ -103,7 +103,8 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
     train_rows = [r for r in rows if "copy/example_answer_share" in r]
     for key in ("example_answer_share", "example_query_share", "top_answer_share", "top_query_share"):
         # the worst step of training: a copy that came and went is still reported
-        summary[f"train_copy_{key}_max"] = max((r[f"copy/{key}"] for r in train_rows), default=None)
+        summary[f"train_copy_{key}_max"] = max((r[f"copy/{key}"] for r in train_rows if f"copy/{key}" in r),
+                                               default=None)
     if oracle_search:
         summary.update({
             "oracle_search": oracle_search,
