@@ -7,6 +7,7 @@
     zerosearch fetch-model
     zerosearch config [--describe]
     zerosearch simulator collect|label|train|eval ...   (build your own simulator: docs/simulator.md)
+    zerosearch warmstart [KEY VALUE ...] [key=value ...] --out DIR [--num-samples N] [--epochs E] [--lr LR]
 
 The launchers `train_grpo.sh`, `train_ppo.sh` and `train_reinforce.sh` call `zerosearch train`.
 """
@@ -14,6 +15,7 @@ The launchers `train_grpo.sh`, `train_ppo.sh` and `train_reinforce.sh` call `zer
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -162,6 +164,31 @@ def cmd_rollout(argv: list[str]) -> int:
     )
 
 
+def cmd_warmstart(argv: list[str]) -> int:
+    """Supervised warm-start on the tag format (a separate stage; `zerosearch/training/warmstart.py`)."""
+    flags = {"--out": True, "--num-samples": True, "--epochs": True, "--lr": True, "--seed": True}
+    args = parse_run_args(argv, flags)
+    if "out" not in args.extra:
+        raise UsageError("warmstart needs --out DIR (the fine-tuned policy; train from it with MODEL_PATH DIR)")
+    cfg = build_config(args, "grpo")
+    if args.print_config:
+        sys.stdout.write(to_yaml(cfg))
+        return 0
+    from zerosearch.training.warmstart import WarmStartSettings, warm_start
+
+    defaults = WarmStartSettings()
+    try:
+        settings = WarmStartSettings(
+            num_samples=int(args.extra.get("num_samples", defaults.num_samples)),
+            epochs=float(args.extra.get("epochs", defaults.epochs)),
+            lr=float(args.extra.get("lr", defaults.lr)), seed=int(args.extra.get("seed", defaults.seed)))
+    except ValueError as e:
+        raise UsageError(f"warmstart: {e}") from None
+    summary = warm_start(cfg, args.extra["out"], settings)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_fetch_model(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="zerosearch fetch-model", description="Build the embedded default model.")
     parser.add_argument("--force", action="store_true", help="rebuild even when the folder is complete")
@@ -236,6 +263,7 @@ COMMANDS = {
     "fetch-model": cmd_fetch_model,
     "config": cmd_config,
     "simulator": cmd_simulator,
+    "warmstart": cmd_warmstart,
 }
 
 

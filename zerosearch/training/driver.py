@@ -182,18 +182,26 @@ def gpu_placement(ray, cfg: Config, world: int, stack: ExitStack):
 # --- phases -----------------------------------------------------------------------------------------
 
 
-def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0,
-          retrieval_score: float = 0.0, template: str = "") -> tuple[torch.Tensor, dict[str, float]]:
-    """The reward of each trajectory: F1 or EM of its answer with Search-R1's shaping (`rewards.shaped_reward`):
-    an answered trajectory earns at least `format_score`, plus `retrieval_score` when a document the search
-    backend returned to it held a gold answer. An answer that copies its prompt's worked example (`template`'s
-    `{example}`) earns neither."""
-    from zerosearch.rewards import retrieval_hit, shaped_reward
+def assess(trajs: list[Trajectory], template: str = "") -> tuple[list[dict], list[bool], list[bool]]:
+    """Per trajectory: its answer scores (`Trajectory.score`), whether a document the backend returned held a
+    gold answer, and whether its answer counts (given, and not a copy of the prompt's worked example)."""
     from zerosearch.rollout.copying import copies_example
 
     scores = [t.score() for t in trajs]
     hits = [retrieval_hit(t.documents, t.golden_answers) for t in trajs]
     valid = [t.answer is not None and not copies_example(t, template) for t in trajs]
+    return scores, hits, valid
+
+
+def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0, retrieval_score: float = 0.0,
+          template: str = "", assessed=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The reward of each trajectory: F1 or EM of its answer with Search-R1's shaping (`rewards.shaped_reward`):
+    an answered trajectory earns at least `format_score`, plus `retrieval_score` when a document the search
+    backend returned to it held a gold answer. An answer that copies its prompt's worked example (`template`'s
+    `{example}`) earns neither. `assessed`: `assess(trajs, template)` when the caller already has it."""
+    from zerosearch.rewards import shaped_reward
+
+    scores, hits, valid = assessed or assess(trajs, template)
     reward = torch.tensor([shaped_reward(s[metric], ok, hit, format_score, retrieval_score)
                            for s, ok, hit in zip(scores, valid, hits)], dtype=torch.float32)  # [B]
     n = max(len(trajs), 1)
@@ -281,27 +289,26 @@ def validate(actor: WorkerGroup, samples, step: int, cfg: Config, run_dir: str |
             continue
         trajs, m = rollout(actor, samples, 0.0, step, validate=True, oracle=oracle)
         a = cfg.algorithm
-        _, r = score(trajs, a.reward_metric, a.format_score, a.retrieval_score, cfg.data.prompt_template)
+        assessed = assess(trajs, cfg.data.prompt_template)
+        _, r = score(trajs, a.reward_metric, a.format_score, a.retrieval_score, assessed=assessed)
         out.update({f"{prefix}/reward": r["reward/mean"], f"{prefix}/f1": r["reward/f1"],
                     f"{prefix}/em": r["reward/em"], f"{prefix}/retrieval_hit": r["reward/retrieval_hit"],
                     f"{prefix}/answer_rate": m["rollout/answer_rate"],
                     f"{prefix}/searches_per_traj": m["rollout/searches_per_traj"]})
         out.update(copy_metrics(trajs, cfg.data.prompt_template, prefix=f"{prefix}_copy"))
-        scores = [t.score() for t in trajs]
-        hits = [retrieval_hit(t.documents, t.golden_answers) for t in trajs]
-        out.update(split_metrics(trajs, scores, hits, prefix))
+        out.update(split_metrics(trajs, assessed[0], assessed[1], prefix))
         if run_dir is not None:
-            write_rollouts(Path(run_dir) / "val_rollouts" / f"{prefix}_step_{step}.jsonl", trajs)
+            write_rollouts(Path(run_dir) / "val_rollouts" / f"{prefix}_step_{step}.jsonl", trajs, assessed[0])
     return out
 
 
-def write_rollouts(path: Path, trajs: list[Trajectory]) -> None:
+def write_rollouts(path: Path, trajs: list[Trajectory], scores: list[dict] | None = None) -> None:
     """Each trajectory's question, answers, queries, documents and text as one JSON row: what validation saw."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for t in trajs:
+        for i, t in enumerate(trajs):
             row = {k: v for k, v in t.to_record().items() if k not in ("prompt_ids", "response_ids", "loss_mask")}
-            row["f1"] = t.score()["f1"]
+            row["f1"] = (scores[i] if scores else t.score())["f1"]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
