@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +65,7 @@ def trained(name: str, seed: int, out: Path, extra: list[str]) -> dict:
 def untrained(name: str, out: Path, extra: list[str]) -> dict:
     """`zerosearch eval` of the untrained policy on the validation questions of the trained runs."""
     from zerosearch.config import load_config
-    from zerosearch.rollout.copying import split_metrics
+    from zerosearch.training.summary import untrained_scores
 
     cfg = load_config("cpu", extra)
     eval_dir = out / name
@@ -74,19 +73,12 @@ def untrained(name: str, out: Path, extra: list[str]) -> dict:
         run([sys.executable, "-m", "zerosearch.cli", "eval", "--model", cfg.model.path, "--data",
              str(ROOT / "zerosearch/data/default/test.parquet"), "--method", UNTRAINED[name][1],
              "--limit", str(cfg.data.val_size), "--output", str(eval_dir), *extra], out / f"{name}.log")
-    rows = [json.loads(line) for line in (eval_dir / "predictions.jsonl").read_text().splitlines()]
-    trajs = [SimpleNamespace(question=r["question"], golden_answers=r["golden_answers"], answer=r["prediction"],
-                             num_searches=r["num_searches"]) for r in rows]
-    split = split_metrics(trajs, [{"f1": r["f1"]} for r in rows], [False] * len(rows), "eval")
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    return {"after": {
-        "f1": mean([r["f1"] for r in rows]),
-        "f1_answer_named": split["eval_named/f1"],
-        "f1_answer_open": split["eval_open/f1"],
-        "searches": mean([r["num_searches"] for r in rows]),
-        "retrieval_hit": None,  # eval's predictions do not keep the documents
-        "answer_rate": mean([r["prediction"] is not None for r in rows]),
-    }}
+    m = untrained_scores(eval_dir / "predictions.jsonl")
+    keys = {"f1": "val/f1", "f1_answer_named": "val_named/f1", "f1_answer_open": "val_open/f1",
+            "searches": "val/searches_per_traj", "answer_rate": "val/answer_rate"}
+    after = {name: m.get(key) for name, key in keys.items()}
+    after["retrieval_hit"] = m.get("val/retrieval_hit") if UNTRAINED[name][1] == "agent" else None
+    return {"after": after}
 
 
 def cell(values: list) -> str:

@@ -13,11 +13,10 @@ import json
 
 import pytest
 import torch
+from conftest import embedded_dir
 
 from zerosearch.config import load_config
 from zerosearch.data.qa import QASample
-
-from conftest import embedded_dir
 
 pytestmark = pytest.mark.slow
 

@@ -45,3 +45,58 @@ def test_only_questions_whose_answer_was_seen_become_demonstrations(smollm2_toke
                       "kept_answer_in_question": 1, "kept_named": 1}
     # the answer a demonstration writes is the gold one found in the documents, in the policy's final turn
     assert smollm2_tokenizer.decode(demos[0]["input_ids"]).endswith("<answer> Paris </answer>")
+
+
+def test_warm_start_fine_tunes_the_policy_on_the_demonstrations(tmp_path, tiny_model_dir, smollm2_tokenizer):
+    """The stage end to end on a tiny corpus and a tiny random model: BM25 documents, demonstrations, TRL steps,
+    and an HF folder the trainer can start from."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_simulator import CORPUS, QUESTIONS, _write_jsonl
+    from zerosearch.training.warmstart import SUMMARY_FILE, warm_start
+
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
+    data = tmp_path / "qa"
+    data.mkdir()
+    _write_jsonl(data / "train.jsonl", QUESTIONS)
+    cfg = load_config("cpu", [f"model.path={tiny_model_dir}", f"data.path={data}", "data.train_sources=[]",
+                              f"search.corpus={corpus}", "search.topk=2", "model.autocast_dtype=",
+                              "model.gradient_checkpointing=false", "warmstart.epochs=8", "warmstart.lr=3e-3",
+                              "warmstart.batch_size=4"])
+    out = tmp_path / "ws"
+    summary = warm_start(cfg, out)
+    # the four questions whose answer BM25 finds are kept; K2 and Yangtze are not in the corpus
+    assert summary["demonstrations"] == 4 and summary["candidates"]["dropped_no_answer_seen"] == 2
+    assert summary["last_loss"] < summary["first_loss"]
+    assert json.loads((out / SUMMARY_FILE).read_text()) == summary
+    shown = [json.loads(line) for line in (out / "demonstrations.jsonl").read_text().splitlines()]
+    assert {d["answer"] for d in shown} == {"Paris", "William Shakespeare", "Berlin", "Danube"}
+    assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(smollm2_tokenizer)
+    assert not (out / "checkpoints").exists()
+
+
+def test_summary_of_a_warm_started_run_shows_the_untrained_policy_apart(tmp_path):
+    import json
+
+    from zerosearch.training.summary import write_summary
+
+    (tmp_path / "warmstart" / "untrained_eval").mkdir(parents=True)
+    (tmp_path / "warmstart" / "warmstart.json").write_text(json.dumps(
+        {"base_model": "base", "engine": "wiki", "demonstrations": 10, "steps": 2, "first_loss": 1.0,
+         "last_loss": 0.5, "wall_s": 30.0}))
+    rows = [{"question": "Which is larger, Mars or Venus?", "golden_answers": ["Venus"], "prediction": "Venus",
+             "em": 1.0, "f1": 1.0, "num_searches": 1, "retrieval_hit": True},
+            {"question": "Who wrote Faust?", "golden_answers": ["Goethe"], "prediction": None, "em": 0.0, "f1": 0.0,
+             "num_searches": 0, "retrieval_hit": False}]
+    (tmp_path / "warmstart" / "untrained_eval" / "predictions.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    val = [{"step": 0, "val/f1": 0.3, "val/em": 0.3}, {"step": 4, "val/f1": 0.4, "val/em": 0.35}]
+    summary = write_summary(tmp_path, {"val": val}, steps=4, wall_s=60.0, peak_rss_gib=1.0, simulated_queries=3)
+    assert summary["heldout_f1_untrained"] == 0.5 and summary["heldout_f1_before"] == 0.3
+    assert summary["heldout_searches_untrained"] == 0.5 and summary["heldout_retrieval_hit_untrained"] == 0.5
+    assert (summary["heldout_f1_answer_named_untrained"], summary["heldout_f1_answer_open_untrained"]) == (1.0, 0.0)
+    assert summary["warmstart"]["demonstrations"] == 10
+    table = (tmp_path / "summary.md").read_text()
+    assert "| untrained | before (warm-started) | after |" in table and "| F1 | 0.5000 | 0.3000 | 0.4000 |" in table

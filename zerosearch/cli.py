@@ -7,7 +7,7 @@
     zerosearch fetch-model
     zerosearch config [--describe]
     zerosearch simulator collect|label|train|eval ...   (build your own simulator: docs/simulator.md)
-    zerosearch warmstart [KEY VALUE ...] [key=value ...] --out DIR [--num-samples N] [--epochs E] [--lr LR]
+    zerosearch warmstart [KEY VALUE ...] [key=value ...] --out DIR   (optional supervised stage: warmstart.*)
 
 The launchers `train_grpo.sh`, `train_ppo.sh` and `train_reinforce.sh` call `zerosearch train`.
 """
@@ -165,27 +165,18 @@ def cmd_rollout(argv: list[str]) -> int:
 
 
 def cmd_warmstart(argv: list[str]) -> int:
-    """Supervised warm-start on the tag format (a separate stage; `zerosearch/training/warmstart.py`)."""
-    flags = {"--out": True, "--num-samples": True, "--epochs": True, "--lr": True, "--seed": True}
-    args = parse_run_args(argv, flags)
+    """Supervised warm-start on the tag format (a separate stage; `zerosearch/training/warmstart.py`):
+    `warmstart.*` fields set it, `--out DIR` names the fine-tuned policy (train from it with MODEL_PATH DIR)."""
+    args = parse_run_args(argv, {"--out": True})
     if "out" not in args.extra:
         raise UsageError("warmstart needs --out DIR (the fine-tuned policy; train from it with MODEL_PATH DIR)")
     cfg = build_config(args, "grpo")
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
         return 0
-    from zerosearch.training.warmstart import WarmStartSettings, warm_start
+    from zerosearch.training.warmstart import warm_start
 
-    defaults = WarmStartSettings()
-    try:
-        settings = WarmStartSettings(
-            num_samples=int(args.extra.get("num_samples", defaults.num_samples)),
-            epochs=float(args.extra.get("epochs", defaults.epochs)),
-            lr=float(args.extra.get("lr", defaults.lr)), seed=int(args.extra.get("seed", defaults.seed)))
-    except ValueError as e:
-        raise UsageError(f"warmstart: {e}") from None
-    summary = warm_start(cfg, args.extra["out"], settings)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(warm_start(cfg, args.extra["out"]), indent=2))
     return 0
 
 

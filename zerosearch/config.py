@@ -224,6 +224,20 @@ class CriticConfig:
 
 
 @dataclass
+class WarmStartConfig:
+    """An optional supervised stage before RL (`zerosearch/training/warmstart.py`), run into `RUN/warmstart/`
+    and trained from; the simulator keeps `search.simulation_llm`."""
+
+    enabled: bool = False
+    """Fine-tune the policy on demonstrations of the tag format before RL (off upstream and on GPU)."""
+    num_samples: int = 256
+    """Most demonstrations: training questions whose answer `search.engine`'s documents or the question show."""
+    epochs: float = 1.0
+    lr: float = 5.0e-5
+    batch_size: int = 8
+
+
+@dataclass
 class RayConfig:
     address: str = ""
     """Join this Ray cluster (e.g. `auto` or `host:6379`); empty starts a local one on 127.0.0.1."""
@@ -291,6 +305,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
+    warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -471,6 +486,9 @@ def validate(cfg: Config) -> None:
     for name in t.logger:
         _one_of(name, LOGGERS, "trainer.logger")
     _check(t.keep_last >= 1, "trainer.keep_last", "keep at least one checkpoint")
+    w = cfg.warmstart
+    _check(w.num_samples >= 1 and w.epochs > 0 and 0 < w.lr < 1 and w.batch_size >= 1, "warmstart",
+           "num_samples and batch_size must be >= 1, epochs > 0 and lr in (0, 1)")
     _validate_limits(cfg)
 
 

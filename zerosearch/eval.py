@@ -404,7 +404,7 @@ def run_eval(cfg: Config, samples: list[QASample], method: str, out_dir: Path) -
     """Answer every sample greedily with `method`; returns prediction rows and run statistics."""
     from tqdm import tqdm
 
-    from zerosearch.rewards import extract_answer
+    from zerosearch.rewards import extract_answer, retrieval_hit
     from zerosearch.rollout.factory import build_engine, loop_settings, start_search, val_sampling
     from zerosearch.rollout.loop import AgentLoop
 
@@ -453,6 +453,7 @@ def run_eval(cfg: Config, samples: list[QASample], method: str, out_dir: Path) -
             "em": score["em"],
             "f1": score["f1"],
             "num_searches": {"agent": traj.num_searches, "rag": 1, "direct": 0}[method],
+            "retrieval_hit": retrieval_hit(traj.documents, sample.golden_answers) if method == "agent" else None,
             "queries": traj.queries,
             "finish_reason": traj.finish_reason,
             "response": traj.response_text,

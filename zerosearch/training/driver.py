@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -336,6 +337,51 @@ def train(cfg: Config) -> dict:
         lock.release()
 
 
+def warm_started(cfg: Config, run_dir: Path, val_samples) -> Config:
+    """With `warmstart.enabled`, the config to train with: the policy (and the reference) start from the
+    supervised warm-start in `run_dir/warmstart`, built first unless a finished one is there (a resumed run
+    keeps its own). The saved config keeps the model the user named.
+
+    So that the summary can show what the warm-start did apart from RL, the untrained model is first scored
+    on the same held-out questions with the same search (`zerosearch eval` in a child process, into
+    `run_dir/warmstart/untrained_eval`)."""
+    if not cfg.warmstart.enabled:
+        return cfg
+    from zerosearch.training.warmstart import SUMMARY_FILE, warm_start
+
+    out = run_dir / "warmstart"
+    if (out / SUMMARY_FILE).is_file():
+        logger.info("policy warm-started in %s (already built)", out)
+    else:
+        if cfg.trainer.test_freq != 0 and cfg.trainer.val_search != "simulator":
+            eval_untrained(run_dir, val_samples, out / "untrained_eval")
+        logger.info("warm-start: supervised demonstrations of the tag format into %s (warmstart.enabled)", out)
+        summary = warm_start(cfg, out)
+        logger.info("warm-start: %d demonstrations, loss %.3f -> %.3f, %.0f s", summary["demonstrations"],
+                    summary["first_loss"] or 0, summary["last_loss"] or 0, summary["wall_s"])
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(out)))
+
+
+def eval_untrained(run_dir: Path, val_samples, out: Path) -> None:
+    """`zerosearch eval` of the run's own model and config on exactly `val_samples`, in a child process (its
+    vLLM engine and BM25 index are gone before the workers start)."""
+    import subprocess
+    import sys
+
+    out.mkdir(parents=True, exist_ok=True)
+    questions = out / "heldout.jsonl"
+    with open(questions, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"question": s.question, "golden_answers": list(s.golden_answers),
+                                "data_source": s.data_source}, ensure_ascii=False) + "\n" for s in val_samples)
+    cmd = [sys.executable, "-m", "zerosearch.cli", "eval", "--config", str(run_dir / "config.yaml"),
+           "--data", str(questions), "--method", "agent", "--output", str(out)]
+    logger.info("scoring the untrained policy on the held-out questions: %s", " ".join(cmd))
+    with open(out / "eval.log", "w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the untrained policy's evaluation failed (exit {done.returncode}); see {out / 'eval.log'}")
+
+
 def check_prompt_lengths(cfg: Config, *splits) -> None:
     """Every prompt fits `data.max_prompt_length` tokens, checked when the data loads (not at a random step)."""
     from transformers import AutoTokenizer
@@ -367,6 +413,7 @@ def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, tra
     start_step = state.get("step", 0)
     save_config(cfg, run_dir)  # after every check: a refused launch leaves the run's config as it was
     logger.info("run directory %s%s", run_dir, f" (resuming from {resume_ckpt})" if resume_ckpt else "")
+    cfg = warm_started(cfg, run_dir, val_samples)
 
     sampler = PromptSampler(len(train_samples), cfg.data.train_batch_size, cfg.trainer.seed, cfg.data.shuffle)
     s = cfg.search

@@ -79,6 +79,26 @@ TABLE_KEYS = (
 )
 
 
+def untrained_scores(predictions: Path) -> dict[str, float]:
+    """The validation metrics (`val/...` names) of a `zerosearch eval` of the untrained policy, when there is one."""
+    from types import SimpleNamespace
+
+    from zerosearch.rollout.copying import split_metrics
+
+    if not predictions.is_file():
+        return {}
+    rows = [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+    n = max(len(rows), 1)
+    trajs = [SimpleNamespace(question=r["question"], golden_answers=r["golden_answers"], answer=r["prediction"],
+                             num_searches=r["num_searches"]) for r in rows]
+    hits = [bool(r.get("retrieval_hit")) for r in rows]
+    out = {"val/f1": sum(r["f1"] for r in rows) / n, "val/em": sum(r["em"] for r in rows) / n,
+           "val/answer_rate": sum(r["prediction"] is not None for r in rows) / n,
+           "val/searches_per_traj": sum(r["num_searches"] for r in rows) / n, "val/retrieval_hit": sum(hits) / n}
+    out.update(split_metrics(trajs, rows, hits, "val"))
+    return out
+
+
 def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_rss_gib: float,
                   simulated_queries: float, heldout_search: str | None = None,
                   oracle_search: str | None = None) -> dict:
@@ -105,6 +125,16 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
         # the worst step of training: a copy that came and went is still reported
         summary[f"train_copy_{key}_max"] = max((r[f"copy/{key}"] for r in train_rows if f"copy/{key}" in r),
                                                default=None)
+    warm = run_dir / "warmstart" / "warmstart.json"
+    untrained = untrained_scores(run_dir / "warmstart" / "untrained_eval" / "predictions.jsonl")
+    if warm.is_file():  # the optional supervised stage: "before" is the warm-started policy, not the base model
+        w = json.loads(warm.read_text())
+        summary["warmstart"] = {k: w.get(k) for k in ("base_model", "engine", "demonstrations", "sources", "steps",
+                                                      "first_loss", "last_loss", "wall_s")}
+        summary["heldout_f1_untrained"] = untrained.get("val/f1")
+        for key, name in SUMMARY_KEYS:
+            if key in untrained:
+                summary[f"heldout_{name}_untrained"] = untrained[key]
     if oracle_search:
         summary.update({
             "oracle_search": oracle_search,
@@ -119,17 +149,25 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_reward_curve(run_dir, rows)
+    cols = [before, after]
     lines = ["| held-out (greedy) | before | after |", "|---|---|---|"]
+    if "warmstart" in summary:
+        cols = [untrained, before, after]
+        lines = ["| held-out (greedy) | untrained | before (warm-started) | after |", "|---|---|---|---|"]
     keys = list(TABLE_KEYS)
     if oracle_search:
         keys += [(f"val_oracle/{k}", f"oracle {k}") for k in ("f1", "em")]
     for key, name in keys:
-        b = f"{before[key]:.4f}" if before and key in before else "-"
-        a = f"{after[key]:.4f}" if after and key in after else "-"
-        lines.append(f"| {name} | {b} | {a} |")
+        cells = [f"{col[key]:.4f}" if col and key in col else "-" for col in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"held-out search: {heldout_search or 'none (no validation through a real engine)'}"]
     if oracle_search:
         lines.append(f"oracle search: {oracle_search}; its scores are not held-out numbers")
+    if "warmstart" in summary:
+        w = summary["warmstart"]
+        lines.append(f"warm-start (a separate supervised stage, before 'before'): {w['demonstrations']} demonstrations "
+                     f"with {w['engine']} documents for training questions, {w['steps']} steps, {w['wall_s']:.0f} s; "
+                     f"untrained base model: {w['base_model']}")
     lines += ["", (f"steps {steps}, wall {wall_s / 60:.1f} min, peak RSS {peak_rss_gib:.2f} GiB, "
               f"simulated queries {int(simulated_queries)}")]
     table = "\n".join(lines)

@@ -22,7 +22,7 @@ import random
 import shutil
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +33,7 @@ from zerosearch.rollout.loop import INFORMATION_PREFIX, INFORMATION_SUFFIX, chat
 from zerosearch.search import SearchRequest
 
 logger = logging.getLogger("zerosearch.warmstart")
-
-
-@dataclass
-class WarmStartSettings:
-    num_samples: int = 256
-    """Most demonstrations trained on (drawn at random from the kept ones)."""
-    epochs: float = 1.0
-    lr: float = 2e-5
-    batch_size: int = 8
-    seed: int = 0
-    gradient_checkpointing: bool = True
+SUMMARY_FILE = "warmstart.json"
 
 
 def _pick_answer(golden: list[str], documents: str, question: str) -> str | None:
@@ -98,8 +88,9 @@ def build_demonstrations(cfg: Config, samples, search, tokenizer) -> tuple[list[
     return demos, dict(counts)
 
 
-def warm_start(cfg: Config, out: str | Path, settings: WarmStartSettings | None = None) -> dict[str, Any]:
-    """Build demonstrations from the training split and fine-tune `model.path` on them into `out`."""
+def warm_start(cfg: Config, out: str | Path) -> dict[str, Any]:
+    """Build demonstrations from the training split and fine-tune `model.path` on them into `out`, as
+    `cfg.warmstart` says; returns the summary also written to `out/warmstart.json`."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,7 +100,7 @@ def warm_start(cfg: Config, out: str | Path, settings: WarmStartSettings | None 
     from zerosearch.rollout.factory import load_samples
     from zerosearch.search import build_search_backend
 
-    s = settings or WarmStartSettings()
+    s = cfg.warmstart
     out = Path(out)
     t0 = time.perf_counter()
     path = resolve_model_path(cfg.model.path)
@@ -127,22 +118,21 @@ def warm_start(cfg: Config, out: str | Path, settings: WarmStartSettings | None 
     if not demos:
         raise ValueError(f"no training question of {cfg.data.path} has a gold answer in its {engine} documents or "
                          "in the question; warm-start needs an engine that can answer the training questions")
-    random.Random(s.seed).shuffle(demos)
+    random.Random(cfg.trainer.seed).shuffle(demos)
     demos = demos[: s.num_samples]
     build_s = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "demonstrations.jsonl", "w", encoding="utf-8") as f:
-        for d in demos:
-            f.write(json.dumps({"question": d["question"], "answer": d["answer"], "data_source": d["data_source"],
-                                "text": tokenizer.decode(d["input_ids"])}, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps({"question": d["question"], "answer": d["answer"], "data_source": d["data_source"],
+                                "text": tokenizer.decode(d["input_ids"])}, ensure_ascii=False) + "\n" for d in demos)
     dataset = Dataset.from_list([{"input_ids": d["input_ids"], "labels": d["labels"]} for d in demos])
     ckpt_dir = out / "checkpoints"
     config = SFTConfig(
         output_dir=str(ckpt_dir), num_train_epochs=s.epochs, learning_rate=s.lr,
         per_device_train_batch_size=s.batch_size, lr_scheduler_type="cosine", warmup_steps=0.1,
         logging_steps=1, save_strategy="no", report_to="none", max_length=cfg.rollout.max_total_length,
-        bf16=cfg.model.autocast_dtype == "bfloat16", seed=s.seed, dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=s.gradient_checkpointing,
+        bf16=cfg.model.autocast_dtype == "bfloat16", seed=cfg.trainer.seed, dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=cfg.model.gradient_checkpointing,
     )
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = SFTTrainer(model=policy, args=config, train_dataset=dataset, processing_class=tokenizer)
@@ -154,10 +144,10 @@ def warm_start(cfg: Config, out: str | Path, settings: WarmStartSettings | None 
         "base_model": str(path), "engine": engine, "data": str(cfg.data.path), "prompt_template": cfg.data.prompt_template,
         "protocol": cfg.rollout.protocol, "candidates": counts, "demonstrations": len(demos),
         "sources": dict(Counter(d["data_source"] for d in demos)), "settings": asdict(s),
-        "steps": trainer.state.global_step, "train_loss": result.training_loss,
+        "seed": cfg.trainer.seed, "steps": trainer.state.global_step, "train_loss": result.training_loss,
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "build_s": round(build_s, 1), "wall_s": round(time.perf_counter() - t0, 1),
     }
-    (out / "warmstart.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return summary
