@@ -363,3 +363,23 @@ def test_train_with_lora_merges_the_adapter_into_a_plain_model_folder(tmp_path: 
     assert set(tuned) == set(base)  # no adapter weights left: any server loads it
     changed = {k for k in base if not tuned[k].equal(base[k])}
     assert changed and all("proj" in k for k in changed)  # LoRA moved the linear layers only
+
+
+def test_an_interrupted_train_resumes_from_its_last_checkpoint(tmp_path: Path, tiny_model_dir, monkeypatch) -> None:
+    """A run stopped after its first checkpoint (here: its checkpoints kept, as a kill would leave them) goes on
+    from that checkpoint, not from the base model."""
+    import zerosearch.simulator.train as train_mod
+    from zerosearch.simulator.train import TrainSettings, train_simulator
+
+    rows = [_record(i, [("Paris", "Paris is the capital of France."), ("Berlin", "Berlin is in Germany.")], ["Paris"],
+                    label="useful" if i % 2 else "noisy") for i in range(8)]
+    data = _write_jsonl(tmp_path / "l.jsonl", rows)
+    out = tmp_path / "sim"
+    monkeypatch.setattr(train_mod.shutil, "rmtree", lambda *a, **k: None)  # the "killed" run leaves its checkpoints
+    first = train_simulator(data, out, str(tiny_model_dir), TrainSettings(max_steps=1, save_steps=1, batch_size=2))
+    assert first["resumed_from"] is None and (out / "checkpoints" / "checkpoint-1").is_dir()
+    monkeypatch.undo()
+    second = train_simulator(data, out, str(tiny_model_dir), TrainSettings(max_steps=3, save_steps=1, batch_size=2,
+                                                                           dtype="bfloat16"))
+    assert second["resumed_from"].endswith("checkpoint-1") and second["steps"] == 3
+    assert not (out / "checkpoints").exists()

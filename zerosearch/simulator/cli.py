@@ -129,8 +129,10 @@ def cmd_train(argv: list[str]) -> int:
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="keep activations: faster, more memory (fine for small models)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                   help="weights while training (bfloat16 for large simulators on GPU)")
     args = p.parse_args(argv)
-    settings = TrainSettings(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+    settings = TrainSettings(dtype=args.dtype, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                              grad_accum=args.grad_accum, max_length=args.max_length, max_doc_words=args.max_doc_words,
                              lora_r=args.lora_r, save_steps=args.save_steps, seed=args.seed,
                              gradient_checkpointing=not args.no_gradient_checkpointing)

@@ -55,6 +55,9 @@ class TrainSettings:
     """bfloat16 autocast (None: on when the device supports it, CPUs included)."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass (TRL's default): less memory, ~20 % more time."""
+    dtype: str = "float32"
+    """The weights' dtype while training (`bfloat16` halves the memory of a large simulator on GPU; the
+    optimizer state follows it). Mixed precision is `bf16` either way."""
 
 
 def sft_prompt(record: dict[str, Any], templates: dict[bool, str]) -> list[dict[str, str]]:
@@ -143,7 +146,9 @@ def train_simulator(data: str | Path, out: str | Path, model: str = "smollm2-135
 
         peft_config = LoraConfig(r=s.lora_r, lora_alpha=s.lora_alpha, lora_dropout=0.05, target_modules="all-linear",
                                  task_type="CAUSAL_LM")
-    policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if s.dtype not in ("float32", "bfloat16", "float16"):
+        raise TrainDataError(f"--dtype {s.dtype}: use float32, bfloat16 or float16")
+    policy = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, s.dtype))
     trainer = SFTTrainer(model=policy, args=config, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
