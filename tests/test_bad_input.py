@@ -46,7 +46,7 @@ def test_a_missing_data_path_is_a_data_error(tmp_path: Path) -> None:
 
 
 def _train_cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    base = ["search.mode=wiki", "search.corpus=default", "rollout.engine=hf", "trainer.test_freq=0",
+    base = ["search.mode=wiki", "search.corpus=default", "rollout.engine=hf", "trainer.test_freq=0", "warmstart.enabled=false",
             f"trainer.output_dir={tmp_path / 'runs'}", "trainer.experiment_name=bad", "trainer.logger=[jsonl]"]
     return subprocess.run([sys.executable, "-m", "zerosearch.cli", "train", *base, *args], capture_output=True,
                           text=True, timeout=120, env={**os.environ, **(env or {})}, check=False)
@@ -93,7 +93,7 @@ def test_overlong_prompts_are_found_when_the_data_loads(tmp_path: Path, tiny_mod
     long_question = "Which river " + "flows very far " * 40 + "?"
     (data / "train.jsonl").write_text(GOOD + json.dumps({"question": long_question, "answers": ["Nile"]}) + "\n")
     (data / "test.jsonl").write_text(GOOD)
-    cfg = load_config("cpu", [f"model.path={tiny_model_dir}", f"data.path={data}", "search.mode=wiki",
+    cfg = load_config("cpu", [f"model.path={tiny_model_dir}", "warmstart.enabled=false", f"data.path={data}", "search.mode=wiki",
                               "search.corpus=default", "rollout.engine=hf", "trainer.test_freq=0",
                               "data.max_prompt_length=200", "data.train_batch_size=2", "rollout.n=2",
                               f"trainer.output_dir={tmp_path / 'runs'}", "trainer.experiment_name=long"])

@@ -96,7 +96,7 @@ def test_two_grpo_steps_through_ray_with_real_engines(simulator, vllm_tiny_model
     from zerosearch.training.driver import run_dir_for, train
 
     cfg = load_config("cpu", [
-        f"model.path={vllm_tiny_model}", f"search.ip={simulator.address}", "search.start_server=never",
+        f"model.path={vllm_tiny_model}", "warmstart.enabled=false", f"search.ip={simulator.address}", "search.start_server=never",
         "trainer.total_steps=2", "data.train_batch_size=2", "rollout.n=2", "data.val_size=2",
         "rollout.max_response_length=24", "trainer.save_freq=1", f"trainer.output_dir={tmp_path}",
         "trainer.experiment_name=e2e", "trainer.logger=[jsonl]", "ray.num_cpus=2",
@@ -124,7 +124,7 @@ def test_grpo_step_with_two_fsdp_ranks_each_with_its_own_vllm_engine(simulator, 
     from zerosearch.training.driver import run_dir_for, train
 
     cfg = load_config("cpu", [
-        f"model.path={vllm_tiny_model}", f"search.ip={simulator.address}", "search.start_server=never",
+        f"model.path={vllm_tiny_model}", "warmstart.enabled=false", f"search.ip={simulator.address}", "search.start_server=never",
         "trainer.world_size=2", "trainer.total_steps=1", "data.train_batch_size=4", "rollout.n=2",
         "trainer.test_freq=0", "rollout.max_response_length=24", f"trainer.output_dir={tmp_path}",
         "trainer.experiment_name=e2e-fsdp", "trainer.logger=[jsonl]", "ray.num_cpus=2",

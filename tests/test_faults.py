@@ -445,7 +445,7 @@ def test_a_run_whose_simulator_dies_stops_clearly_and_resumes_from_its_last_chec
         (data / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     sim, address = _server_process(delay_s=1.0)  # slow enough that the kill lands while step 2 searches
     port = int(address.split(":")[1])
-    args = [f"model.path={policy}", "rollout.engine=hf", "search.mode=simulate_prompt", f"search.ip={address}",
+    args = [f"model.path={policy}", "warmstart.enabled=false", "rollout.engine=hf", "search.mode=simulate_prompt", f"search.ip={address}",
             "search.start_server=never", "search.simulation_llm=sim", "search.max_retries=1", "search.timeout_s=5",
             f"data.path={data}", "data.train_batch_size=2", "rollout.n=2", "rollout.max_turns=1",
             "rollout.max_response_length=16", "rollout.max_obs_length=32", "trainer.total_steps=2",

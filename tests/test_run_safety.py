@@ -38,7 +38,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 def _cfg(tmp_path: Path, model: Path | str = "x", **extra):
-    base = {"model.path": model, "rollout.engine": "hf", "search.mode": "wiki", "search.corpus": tmp_path / "corpus.jsonl",
+    base = {"model.path": model, "warmstart.enabled": False, "rollout.engine": "hf", "search.mode": "wiki", "search.corpus": tmp_path / "corpus.jsonl",
             "data.path": tmp_path / "data", "data.train_batch_size": 2, "rollout.n": 2, "trainer.test_freq": 0,
             "trainer.output_dir": tmp_path / "runs", "trainer.logger": "[jsonl]"}
     base.update(extra)
@@ -83,7 +83,7 @@ def test_second_cli_launch_into_a_running_directory_exits_2(tmp_path: Path, data
     _, lock = plan_run(cfg)
     (cfg_dir := Path(cfg.trainer.output_dir) / "busy").joinpath("metrics.jsonl").write_text('{"step": 1}\n')
     try:
-        args = [f"model.path={tiny_model_dir}", "rollout.engine=hf", "search.mode=wiki",
+        args = [f"model.path={tiny_model_dir}", "warmstart.enabled=false", "rollout.engine=hf", "search.mode=wiki",
                 f"search.corpus={tmp_path / 'corpus.jsonl'}", f"data.path={data_dir}", "data.train_batch_size=2",
                 "rollout.n=2", "trainer.test_freq=0", f"trainer.output_dir={tmp_path / 'runs'}",
                 "trainer.experiment_name=busy", "trainer.logger=[jsonl]"]

@@ -52,7 +52,7 @@ def workspace(tmp_path_factory):
 
 def overrides(workspace: Path, model: Path, name: str, **extra) -> list[str]:
     base = {
-        "model.path": model, "rollout.engine": "hf", "search.mode": "wiki", "search.corpus": workspace / "corpus.jsonl",
+        "model.path": model, "warmstart.enabled": False, "rollout.engine": "hf", "search.mode": "wiki", "search.corpus": workspace / "corpus.jsonl",
         "data.path": workspace / "data", "data.train_batch_size": 2, "data.val_size": 2, "rollout.n": 2,
         "rollout.max_turns": 2, "rollout.max_response_length": 16, "rollout.max_obs_length": 64,
         "trainer.total_steps": 2, "trainer.output_dir": workspace / "runs", "trainer.experiment_name": name,

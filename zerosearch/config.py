@@ -233,8 +233,11 @@ class WarmStartConfig:
     num_samples: int = 256
     """Most demonstrations: training questions whose answer `search.engine`'s documents or the question show."""
     epochs: float = 1.0
+    """Passes over the demonstrations."""
     lr: float = 5.0e-5
+    """Peak learning rate (cosine schedule, 10 % warm-up)."""
     batch_size: int = 8
+    """Demonstrations per optimizer step."""
 
 
 @dataclass

@@ -132,7 +132,9 @@ def warm_start(cfg: Config, out: str | Path) -> dict[str, Any]:
         per_device_train_batch_size=s.batch_size, lr_scheduler_type="cosine", warmup_steps=0.1,
         logging_steps=1, save_strategy="no", report_to="none", max_length=cfg.rollout.max_total_length,
         bf16=cfg.model.autocast_dtype == "bfloat16", seed=cfg.trainer.seed, dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=cfg.model.gradient_checkpointing,
+        use_cpu=not torch.cuda.is_available(),
+        # the stage runs alone, before the workers start: the memory checkpointing saves is not needed
+        gradient_checkpointing=False,
     )
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     trainer = SFTTrainer(model=policy, args=config, train_dataset=dataset, processing_class=tokenizer)
