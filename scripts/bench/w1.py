@@ -58,7 +58,7 @@ def main() -> int:
         # fp32 master weights with bf16 autocast (zerosearch's CPU training path; TRL runs plain fp32)
         "model.gradient_checkpointing": False, "model.dtype": "float32", "model.autocast_dtype": "bfloat16",
         "actor.entropy_coeff": 0.0, "actor.lr_warmup_steps_ratio": 0.0, "data.train_sources": "[]",
-        "actor.micro_batch_size": 4, "actor.micro_batch_tokens": 1024,
+        "actor.micro_batch_size": 4, "actor.micro_batch_tokens": 1024, "warmstart.enabled": False,
     }
     cfg = load_config("cpu", [f"{k}={v}" for k, v in overrides.items()] + args.overrides)
     summary = train(cfg)

@@ -347,39 +347,47 @@ def warm_started(cfg: Config, run_dir: Path, val_samples) -> Config:
     `run_dir/warmstart/untrained_eval`)."""
     if not cfg.warmstart.enabled:
         return cfg
-    from zerosearch.training.warmstart import SUMMARY_FILE, warm_start
+    from zerosearch.training.warmstart import SUMMARY_FILE
 
     out = run_dir / "warmstart"
     if (out / SUMMARY_FILE).is_file():
         logger.info("policy warm-started in %s (already built)", out)
     else:
         if cfg.trainer.test_freq != 0 and cfg.trainer.val_search != "simulator":
-            eval_untrained(run_dir, val_samples, out / "untrained_eval")
-        logger.info("warm-start: supervised demonstrations of the tag format into %s (warmstart.enabled)", out)
-        summary = warm_start(cfg, out)
+            _child(run_dir, ["eval", "--config", str(run_dir / "config.yaml"), "--data", str(_heldout_file(val_samples, out)),
+                             "--method", "agent", "--output", str(out / "untrained_eval")],
+                   out / "untrained_eval.log", "scoring the untrained policy on the held-out questions")
+        # a child process as well: the fine-tuning's memory would otherwise stay with the driver all run long
+        _child(run_dir, ["warmstart", "--config", str(run_dir / "config.yaml"), "--out", str(out)],
+               out / "warmstart.log", "warm-start: supervised demonstrations of the tag format (warmstart.enabled)")
+        summary = json.loads((out / SUMMARY_FILE).read_text())
         logger.info("warm-start: %d demonstrations, loss %.3f -> %.3f, %.0f s", summary["demonstrations"],
                     summary["first_loss"] or 0, summary["last_loss"] or 0, summary["wall_s"])
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path=str(out)))
 
 
-def eval_untrained(run_dir: Path, val_samples, out: Path) -> None:
-    """`zerosearch eval` of the run's own model and config on exactly `val_samples`, in a child process (its
-    vLLM engine and BM25 index are gone before the workers start)."""
+def _heldout_file(val_samples, out: Path) -> Path:
+    """The held-out questions as a QA file, so that `zerosearch eval` scores exactly these."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "heldout.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"question": s.question, "golden_answers": list(s.golden_answers),
+                                 "data_source": s.data_source}, ensure_ascii=False) + "\n" for s in val_samples)
+    return path
+
+
+def _child(run_dir: Path, args: list[str], log_path: Path, what: str) -> None:
+    """`zerosearch ARGS` in a child process (its engines and memory are gone before the workers start)."""
     import subprocess
     import sys
 
-    out.mkdir(parents=True, exist_ok=True)
-    questions = out / "heldout.jsonl"
-    with open(questions, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"question": s.question, "golden_answers": list(s.golden_answers),
-                                "data_source": s.data_source}, ensure_ascii=False) + "\n" for s in val_samples)
-    cmd = [sys.executable, "-m", "zerosearch.cli", "eval", "--config", str(run_dir / "config.yaml"),
-           "--data", str(questions), "--method", "agent", "--output", str(out)]
-    logger.info("scoring the untrained policy on the held-out questions: %s", " ".join(cmd))
-    with open(out / "eval.log", "w") as log:
+    cmd = [sys.executable, "-m", "zerosearch.cli", *args]
+    logger.info("%s: %s (log %s)", what, " ".join(cmd), log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the untrained policy's evaluation failed (exit {done.returncode}); see {out / 'eval.log'}")
+        raise RuntimeError(f"{what} failed (exit {done.returncode}); see {log_path}")
 
 
 def check_prompt_lengths(cfg: Config, *splits) -> None:
@@ -413,6 +421,7 @@ def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, tra
     start_step = state.get("step", 0)
     save_config(cfg, run_dir)  # after every check: a refused launch leaves the run's config as it was
     logger.info("run directory %s%s", run_dir, f" (resuming from {resume_ckpt})" if resume_ckpt else "")
+    t_start = time.time()  # the wall time reported includes the warm-start stage
     cfg = warm_started(cfg, run_dir, val_samples)
 
     sampler = PromptSampler(len(train_samples), cfg.data.train_batch_size, cfg.trainer.seed, cfg.data.shuffle)
@@ -423,7 +432,6 @@ def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, tra
         curriculum.load_state_dict(state["curriculum"])
     history = state.get("history", {"val": []})
 
-    t_start = time.time()
     with ExitStack() as stack, MemoryMonitor() as memory:
         ray = start_ray(cfg, stack)
         worker_cfg = _worker_config(cfg, stack, run_dir)
