@@ -100,3 +100,32 @@ def test_summary_of_a_warm_started_run_shows_the_untrained_policy_apart(tmp_path
     assert summary["warmstart"]["demonstrations"] == 10
     table = (tmp_path / "summary.md").read_text()
     assert "| untrained | before (warm-started) | after |" in table and "| F1 | 0.5000 | 0.3000 | 0.4000 |" in table
+
+
+def test_the_trainer_builds_the_warm_start_once_and_trains_from_it(tmp_path, tiny_model_dir):
+    """`warmstart.enabled`: the driver builds the stage in a child process into RUN/warmstart and returns a config
+    whose policy is that folder; a resumed run finds it built and does not build it again."""
+    import json
+
+    from tests.test_simulator import CORPUS, QUESTIONS, _write_jsonl
+    from zerosearch.config import save_config
+    from zerosearch.training.driver import warm_started
+
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
+    data = tmp_path / "qa"
+    data.mkdir()
+    _write_jsonl(data / "train.jsonl", QUESTIONS)
+    cfg = load_config("cpu", [f"model.path={tiny_model_dir}", f"data.path={data}", "data.train_sources=[]",
+                              f"search.corpus={corpus}", "search.topk=2", "model.autocast_dtype=", "trainer.test_freq=0",
+                              "warmstart.enabled=true", "warmstart.batch_size=4"])
+    run_dir = tmp_path / "run"
+    save_config(cfg, run_dir)
+    trained = warm_started(cfg, run_dir, [])
+    out = run_dir / "warmstart"
+    assert trained.model.path == str(out) and cfg.model.path == str(tiny_model_dir)
+    assert json.loads((out / "warmstart.json").read_text())["demonstrations"] == 4
+    assert not (out / "untrained_eval").exists()  # no validation, so no untrained score to compare with
+    built = (out / "model.safetensors").stat().st_mtime_ns
+    assert warm_started(cfg, run_dir, []).model.path == str(out)
+    assert (out / "model.safetensors").stat().st_mtime_ns == built
+    assert warm_started(load_config("cpu", ["warmstart.enabled=false"]), run_dir, []).model.path == "smollm2-135m-instruct"
