@@ -23,7 +23,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TextIO
 
-from zerosearch.eval import (
+from zerosearch.cmdline import (
     EXIT_USAGE,
     EvalUsageError,
     _Parser,
