@@ -171,7 +171,7 @@ class AgentLoop:
                 trajs.append(Trajectory(len(trajs), group, sample.question, list(sample.golden_answers), prompt_ids))
         self._sampling, self._p_noisy, self._noise_seed, self._uid_offset = sampling, p_noisy, noise_seed, uid_offset
         self._stats = stats = LoopStats()
-        self._trajs, self._progress = trajs, progress
+        self._progress = progress
         pending: dict[Future, tuple[Trajectory, float]] = {}
         self._pending = pending
 

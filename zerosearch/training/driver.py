@@ -578,7 +578,8 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
     metrics.update(adv_metrics)
     metrics.update(timer.pop())
     tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
-    metrics.update({"curriculum/p_noisy": p_noisy, "timing/step_s": step_s, "perf/tokens_per_s": tokens / step_s,
+    metrics.update(curriculum.metrics() | sampler.metrics())  # p_noisy of this step; data/epoch, epoch progress
+    metrics.update({"timing/step_s": step_s, "perf/tokens_per_s": tokens / step_s,
                     "perf/sync_share": metrics["timing/sync_s"] / step_s})
     return metrics
 
