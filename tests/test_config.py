@@ -62,6 +62,9 @@ def test_upstream_defaults():
         ("actor.loss_agg_mode=sum", "actor.loss_agg_mode"),
         ("actor.lr_warmup_steps_ratio=1.5", "actor.lr_warmup_steps_ratio"),
         ("critic.lr_warmup_steps_ratio=-0.1", "critic.lr_warmup_steps_ratio"),
+        ("actor.clip_ratio_high=1.5", "actor.clip_ratio_high"),
+        ("actor.clip_ratio_low=0", "actor.clip_ratio_low"),
+        ("warmstart.num_samples=0", "warmstart"),
     ],
 )
 def test_validation_names_the_field(override, field):

@@ -199,7 +199,11 @@ class ActorConfig:
     micro_batch_tokens: int = 8192
     """Most padded tokens per forward/backward; micro-batches group trajectories of similar length."""
     clip_ratio: float = 0.2
-    """PPO clip range."""
+    """PPO clip range: the ratio is clipped to [1 - clip_ratio_low, 1 + clip_ratio_high]."""
+    clip_ratio_low: float = -1.0
+    """Lower clip range (-1: `clip_ratio`)."""
+    clip_ratio_high: float = -1.0
+    """Upper clip range (-1: `clip_ratio`); DAPO's clip-higher raises it, e.g. 0.28."""
     dual_clip_c: float = 0.0
     """Dual-clip constant c (> 1 enables it; 0 disables)."""
     entropy_coeff: float = 0.001
@@ -265,9 +269,9 @@ class TrainerConfig:
     device: str = "auto"
     """`auto` (cuda when available), `cpu` or `cuda`."""
     project_name: str = "zerosearch"
-    """Project name (wandb project, run directory parent)."""
+    """The wandb project the run logs to (run directories are under `output_dir`, whatever the project)."""
     experiment_name: str = ""
-    """Run directory name under `output_dir` (a plain folder name). Empty: every launch gets a new directory
+    """Run directory name under `output_dir` (a plain folder name), also the wandb run name. Empty: every launch gets a new directory
     `<algo>-<model>-<mode>-<YYYYmmdd-HHMMSS>`, never resumed by `resume=auto`; name a run to resume it by
     relaunching with the same name."""
     output_dir: str = "runs"
@@ -279,7 +283,8 @@ class TrainerConfig:
     keep_last: int = 2
     """Keep this many latest checkpoints."""
     test_freq: int = 50
-    """Validate every this many steps (0 = never; -1 = also before training)."""
+    """Validate every this many steps and after the last one (0 = never; -1 = only after the last step).
+    Validation before the first step is `val_before_train`'s, for any value but 0."""
     val_before_train: bool = True
     """Validate once before the first step."""
     val_search: str = "engine"
@@ -479,6 +484,8 @@ def validate(cfg: Config) -> None:
         _check(0.0 <= ratio <= 1.0, key, f"{ratio} is a share of trainer.total_steps; use a value in [0, 1]")
     _check(act.ppo_epochs >= 1 and act.ppo_mini_batch_size >= 1 and act.micro_batch_size >= 1, "actor",
            "ppo_epochs, ppo_mini_batch_size and micro_batch_size must be >= 1")
+    for key, value in (("actor.clip_ratio_low", act.clip_ratio_low), ("actor.clip_ratio_high", act.clip_ratio_high)):
+        _check(value == -1 or 0 < value < 1, key, f"{value}: use a value in (0, 1), or -1 for actor.clip_ratio")
     _check(act.dual_clip_c == 0 or act.dual_clip_c > 1, "actor.dual_clip_c", "must be 0 (off) or > 1")
     _one_of(act.loss_agg_mode, LOSS_AGG_MODES, "actor.loss_agg_mode")
     _check(d.train_batch_size >= 1, "data.train_batch_size", "must be >= 1")

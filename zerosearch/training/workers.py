@@ -506,6 +506,8 @@ class ActorRolloutWorker(_ModelWorker):
         loss, m = actor_loss(
             lp, old, ref, adv, mask, kl_coef=cfg.algorithm.kl_coef if use_kl else 0.0,
             kl_kind=cfg.algorithm.kl_type, clip_ratio=a.clip_ratio,
+            clip_ratio_low=None if a.clip_ratio_low < 0 else a.clip_ratio_low,
+            clip_ratio_high=None if a.clip_ratio_high < 0 else a.clip_ratio_high,
             dual_clip_c=a.dual_clip_c or None, agg=a.loss_agg_mode,
         )
         entropy = agg_loss(ent, mask, a.loss_agg_mode)
