@@ -53,7 +53,10 @@ def test_rollout_command_with_real_engines(simulator, tmp_path):
     out = tmp_path / "rollouts.jsonl"
     cmd = [sys.executable, "-m", "zerosearch.cli", "rollout", "--num-prompts", "4", "--out", str(out), "--split", "test",
            "IP", simulator.address, "search.start_server=never", "rollout.n=2", "rollout.temperature=0",
-           "rollout.max_turns=2", "rollout.max_response_length=96", "TOPK", "3"]
+           "rollout.max_turns=2", "rollout.max_response_length=96", "TOPK", "3",
+           # the untrained model searches only when its prompt shows a worked example (the CPU default's plain
+           # prompt relies on the warm-start, which `rollout` does not run)
+           "data.prompt_template=policy_prompt_examples.txt"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -81,7 +84,7 @@ def test_rollout_command_with_real_engines(simulator, tmp_path):
         assert len(info) + len(invalid) == len(runs)
         assert len(info) == row["num_searches"] and len(invalid) == row["num_invalid"]
     searched = [r for r in rows if r["num_searches"] > 0]
-    assert searched, "greedy SmolLM2 with the small prompt searches on these questions"
+    assert searched, "greedy SmolLM2 with a worked example in its prompt searches on these questions"
     row = searched[0]
     observed = tok.decode([t for t, m in zip(row["response_ids"], row["loss_mask"]) if not m])
     assert "<information>" in observed and "Doc 1" in observed
