@@ -145,13 +145,22 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def cmd_rollout(argv: list[str]) -> int:
-    args = parse_run_args(argv, {"--num-prompts": True, "--out": True, "--split": True, "--step": True})
+def _config_with_out(argv: list[str], flags: dict[str, bool], need_out: str) -> tuple[RunArgs, Config | None]:
+    """A command that writes to `--out`: its words and config; the config is None when `--print-config` printed it."""
+    args = parse_run_args(argv, {"--out": True, **flags})
     if "out" not in args.extra:
-        raise UsageError("rollout needs --out FILE.jsonl")
+        raise UsageError(need_out)
     cfg = build_config(args, "grpo")
     if args.print_config:
         sys.stdout.write(to_yaml(cfg))
+        return args, None
+    return args, cfg
+
+
+def cmd_rollout(argv: list[str]) -> int:
+    args, cfg = _config_with_out(argv, {"--num-prompts": True, "--split": True, "--step": True},
+                                 "rollout needs --out FILE.jsonl")
+    if cfg is None:
         return 0
     from zerosearch.rollout.command import run_rollout_command
 
@@ -167,12 +176,9 @@ def cmd_rollout(argv: list[str]) -> int:
 def cmd_warmstart(argv: list[str]) -> int:
     """Supervised warm-start on the tag format (a separate stage; `zerosearch/training/warmstart.py`):
     `warmstart.*` fields set it, `--out DIR` names the fine-tuned policy (train from it with MODEL_PATH DIR)."""
-    args = parse_run_args(argv, {"--out": True})
-    if "out" not in args.extra:
-        raise UsageError("warmstart needs --out DIR (the fine-tuned policy; train from it with MODEL_PATH DIR)")
-    cfg = build_config(args, "grpo")
-    if args.print_config:
-        sys.stdout.write(to_yaml(cfg))
+    args, cfg = _config_with_out(argv, {}, "warmstart needs --out DIR (the fine-tuned policy; train from it with "
+                                           "MODEL_PATH DIR)")
+    if cfg is None:
         return 0
     from zerosearch.training.warmstart import warm_start
 

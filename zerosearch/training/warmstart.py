@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from zerosearch.config import Config
-from zerosearch.rewards import normalize_answer, retrieval_hit
+from zerosearch.rewards import normalize_answer
 from zerosearch.rollout.copying import answer_in_question
 from zerosearch.rollout.loop import INFORMATION_PREFIX, INFORMATION_SUFFIX, chat_turn_wrap, encode_prompt
 from zerosearch.search import SearchRequest
@@ -36,14 +36,16 @@ logger = logging.getLogger("zerosearch.warmstart")
 SUMMARY_FILE = "warmstart.json"
 
 
-def _pick_answer(golden: list[str], documents: str, question: str) -> str | None:
-    """The gold answer the demonstration writes: the first one found in the documents, else in the question."""
-    for haystack in (documents, question):
+def _pick_answer(golden: list[str], documents: str, question: str) -> tuple[str | None, bool]:
+    """The gold answer the demonstration writes: the first one found in the documents, else in the question;
+    and whether it came from the documents (the whole-word match of `rewards.retrieval_hit`)."""
+    wanted = [(g, normalize_answer(g)) for g in golden]
+    for in_docs, haystack in ((True, documents), (False, question)):
         text = f" {normalize_answer(haystack)} "
-        for g in golden:
-            if normalize_answer(g) and f" {normalize_answer(g)} " in text:
-                return g
-    return None
+        for g, norm in wanted:
+            if norm and f" {norm} " in text:
+                return g, in_docs
+    return None, False
 
 
 def demonstration(tokenizer, prompt: list[dict], query: str, documents: str, answer: str, protocol: str = "inline",
@@ -73,8 +75,7 @@ def build_demonstrations(cfg: Config, samples, search, tokenizer) -> tuple[list[
     results = search.search(requests)
     demos, counts = [], Counter()
     for sample, result in zip(samples, results):
-        answer = _pick_answer(list(sample.golden_answers), result.text, sample.question)
-        in_docs = retrieval_hit([result.text], sample.golden_answers)
+        answer, in_docs = _pick_answer(list(sample.golden_answers), result.text, sample.question)
         counts["searched"] += 1
         if answer is None:
             counts["dropped_no_answer_seen"] += 1
