@@ -9,6 +9,7 @@ from zerosearch.rewards import (
     extract_answer,
     f1_score,
     normalize_answer,
+    query_overlap,
 )
 
 PROMPT = (
@@ -233,3 +234,11 @@ def test_split_metrics_separate_questions_that_name_their_answer():
     assert (m["val_named/f1"], m["val_open/f1"]) == (1.0, 0.0)
     assert (m["val_named/searches_per_traj"], m["val_open/retrieval_hit"]) == (1.0, 1.0)
     assert m["val_named/questions"] == m["val_open/questions"] == 1.0
+
+
+def test_query_overlap_scores_content_words_shared_with_the_question():
+    question = "Who is the mother of the director of film Polish-Russian War?"
+    assert query_overlap(question, question) == 1.0
+    assert 0.5 < query_overlap("director of Polish-Russian War", question) < 1.0
+    for off_topic in ("Your question", "", "Who wrote the play Hamlet?", "the of who"):
+        assert query_overlap(off_topic, question) == 0.0

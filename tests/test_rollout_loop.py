@@ -14,7 +14,7 @@ import pytest
 from zerosearch.data import build_prompt
 from zerosearch.data.qa import QASample
 from zerosearch.rollout.engines import Generation, SamplingSpec
-from zerosearch.rollout.loop import INVALID_ACTION_TEXT, AgentLoop, LoopSettings, encode_prompt
+from zerosearch.rollout.loop import INVALID_ACTION_TEXT, AgentLoop, LoopSettings, encode_prompt, loop_metrics
 from zerosearch.rollout.parser import Action, parse_action
 from zerosearch.search import SearchResult
 
@@ -223,7 +223,7 @@ def test_noise_flags_follow_p_noisy_and_are_reproducible(smollm2_tokenizer):
         search = RecordingSearch()
         loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER] * 40, search=search, per_poll=7)
         trajs, _ = run(loop, engine, [sample(i) for i in range(40)], p_noisy=p, seed=seed)
-        assert [r.noisy for r in sorted(search.requests, key=lambda r: r.query)] != None
+        assert [r.noisy for r in search.requests].count(True) == sum(t.noisy_flags[0] for t in trajs)
         return [t.noisy_flags[0] for t in trajs]
 
     assert not any(flags(0.0, 1)) and all(flags(1.0, 1))
@@ -231,6 +231,22 @@ def test_noise_flags_follow_p_noisy_and_are_reproducible(smollm2_tokenizer):
     assert 8 <= sum(half) <= 32
     assert flags(0.5, 3) == half  # same seed, same draws, whatever the completion order
     assert flags(0.5, 4) != half
+
+
+def test_the_relevance_gate_sends_noisy_documents_to_an_off_topic_query(smollm2_tokenizer):
+    off_topic = ["<search>Your question</search>", "<answer>Paris</answer>"]
+    search = RecordingSearch()
+    loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER, off_topic], search=search, min_query_overlap=0.5)
+    trajs, stats = run(loop, engine, [sample(0), sample(1)])
+    noisy = {r.query: r.noisy for r in search.requests}
+    assert noisy == {"capital of France": False, "Your question": True}
+    assert [t.off_topic for t in trajs] == [0, 1] and [t.noisy_flags for t in trajs] == [[False], [True]]
+    assert loop_metrics(trajs)["rollout/off_topic_share"] == 0.5
+
+    search = RecordingSearch()  # off (the default, as upstream): the query does not matter
+    loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER, off_topic], search=search)
+    run(loop, engine, [sample(0), sample(1)])
+    assert not any(r.noisy for r in search.requests)
 
 
 def test_groups_and_request_to_backend(smollm2_tokenizer):

@@ -128,6 +128,10 @@ class SearchConfig:
     """START_THRESHOLD: probability of noisy documents at step 0."""
     end_threshold: float = 0.5
     """END_THRESHOLD: probability of noisy documents at the last step."""
+    min_query_overlap: float = 0.0
+    """Relevance gate of simulated search: a query whose content words overlap the question's (token F1) less
+    than this gets noisy documents (0 = off, as upstream, whose prompt-mode simulator writes useful documents
+    from the question and gold answer whatever the query says; docs/differences.md)."""
     curriculum_base: float = 4.0
     """Base b of the curriculum p(step) = start + (b^(step/T) - 1)/(b - 1) * (end - start)."""
     topk: int = 5
@@ -439,6 +443,8 @@ def validate(cfg: Config) -> None:
     _one_of(s.start_server, ("auto", "never"), "search.start_server")
     for key, value in (("search.start_threshold", s.start_threshold), ("search.end_threshold", s.end_threshold)):
         _check(0.0 <= value <= 1.0, key, f"{value} is not a probability; use a value in [0, 1]")
+    _check(0.0 <= s.min_query_overlap <= 1.0, "search.min_query_overlap",
+           f"{s.min_query_overlap} is not in [0, 1]: a token F1 between query and question (0 = off)")
     _check(s.curriculum_base > 0 and s.curriculum_base != 1, "search.curriculum_base", "must be > 0 and != 1 (upstream uses 4)")
     _check(s.topk >= 1, "search.topk", f"{s.topk} < 1; set TOPK 5")
     _check(s.max_retries >= 0 and s.timeout_s > 0 and s.concurrency >= 1, "search",

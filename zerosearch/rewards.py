@@ -114,6 +114,31 @@ def retrieval_hit(documents: Sequence[str], golden_answers: str | Sequence[str])
     return False
 
 
+# function words that say nothing about what a query is after ("who is the mother of X" -> "mother", "x")
+_FUNCTION_WORDS = frozenset(
+    "who whom whose what which when where why how is are was were be been being do does did has have had "
+    "of in on at to for by with from about into than and or but not as that this these those it its "
+    "he she they his her their there here your you my our we i me".split()
+)
+
+
+def query_overlap(query: str, question: str) -> float:
+    """Token F1 between the content words of a search ``query`` and of the ``question`` it serves.
+
+    1.0 for the question itself, about 0.5-0.8 for a query naming one hop of it ("director of Polish-Russian
+    War" for "Who is the mother of the director of film Polish-Russian War?"), 0.0 for "Your question" or
+    an empty query. The simulated engine's relevance gate (``search.min_query_overlap``) compares it to a
+    threshold.
+    """
+    q = [t for t in normalize_answer(query).split() if t not in _FUNCTION_WORDS]
+    ref = [t for t in normalize_answer(question).split() if t not in _FUNCTION_WORDS]
+    same = sum((Counter(q) & Counter(ref)).values())
+    if same == 0:
+        return 0.0
+    precision, recall = same / len(q), same / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
 def shaped_reward(answer_score: float, has_answer: bool, retrieved_gold: bool, format_score: float = 0.0,
                   retrieval_score: float = 0.0) -> float:
     """Search-R1's shaping (``compute_score_em`` in its ``qa_em_format.py``) on top of the answer score.

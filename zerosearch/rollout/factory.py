@@ -50,6 +50,7 @@ def loop_settings(cfg: Config) -> LoopSettings:
         search_concurrency=cfg.search.concurrency,
         max_search_error_share=cfg.search.max_error_share,
         protocol=cfg.rollout.protocol,
+        min_query_overlap=cfg.search.min_query_overlap,
     )
 
 

@@ -36,6 +36,7 @@ from zerosearch.config import ROLLOUT_PROTOCOLS as PROTOCOLS
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
 from zerosearch.rollout.trajectory import Trajectory
+from zerosearch.rewards import query_overlap
 from zerosearch.search import SearchBackend, SearchError, SearchRequest, SearchResult
 
 logger = logging.getLogger("zerosearch.rollout")
@@ -62,6 +63,9 @@ class LoopSettings:
     """`run` raises when more than this share of a batch's searches fail; fewer end only their trajectories."""
     protocol: str = "inline"
     """`inline` (upstream: observations inside the assistant message) or `chat` (a new user turn)."""
+    min_query_overlap: float = 0.0
+    """A query whose content words overlap the question's less than this (`rewards.query_overlap`) gets noisy
+    documents from a simulated engine (0 = off, as upstream)."""
 
 
 @dataclass
@@ -248,6 +252,10 @@ class AgentLoop:
             # keyed on the batch-wide index so that trajectory i of each rank does not share rank 0's draws.
             key = f"{self._noise_seed}/{self._uid_offset + traj.uid}/{traj.num_searches}"
             noisy = random.Random(key).random() < self._p_noisy
+            gate = self.settings.min_query_overlap
+            if gate > 0 and not noisy and query_overlap(action.content, traj.question) < gate:
+                noisy = True  # the simulator would write useful documents from the gold answer whatever the query
+                traj.off_topic += 1
             traj.noisy_flags.append(noisy)
             traj.queries.append(action.content)
             request = SearchRequest(query=action.content, question=traj.question,
@@ -315,6 +323,9 @@ def loop_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "rollout/finish_length": sum(t.finish_reason == "length" for t in trajs) / n,
         "rollout/finish_max_turns": sum(t.finish_reason == "max_turns" for t in trajs) / n,
         "rollout/finish_error": sum(t.finish_reason == "error" for t in trajs) / n,
+        "rollout/off_topic_share": (
+            sum(t.off_topic for t in trajs) / max(sum(len(t.noisy_flags) for t in trajs), 1)
+        ),
         "rollout/noisy_share": (
             sum(bool(f) for t in trajs for f in t.noisy_flags) / max(sum(len(t.noisy_flags) for t in trajs), 1)
         ),

@@ -31,6 +31,8 @@ class Trajectory:
     num_invalid: int = 0
     obs_truncated: int = 0
     noisy_flags: list[bool | None] = field(default_factory=list)
+    off_topic: int = 0
+    """Searches the relevance gate (`LoopSettings.min_query_overlap`) sent noisy documents to."""
     queries: list[str] = field(default_factory=list)
     documents: list[str] = field(default_factory=list)
     """What the search backend returned, one text per search, as appended (cut where the observation was
