@@ -54,7 +54,7 @@ def test_curriculum_validates_on_construction():
 
 def test_curriculum_tracks_the_function():
     cur = NoiseCurriculum(start=0.0, end=0.75, total_steps=10)
-    seen = [cur.probability()] + [cur.advance() for _ in range(12)]
+    seen = [cur.probability()] + [cur.at(k) for k in range(1, 13)]
     assert seen == [noise_probability(s, 10, 0.0, 0.75) for s in range(13)]
     assert cur.step == 12
     assert cur.metrics() == {"curriculum/p_noisy": 0.75, "curriculum/step": 12.0}
@@ -62,15 +62,16 @@ def test_curriculum_tracks_the_function():
 
 def test_state_dict_round_trip_reproduces_sequence():
     cur = NoiseCurriculum(start=0.05, end=0.6, total_steps=20, base=3.0)
-    for _ in range(7):
-        cur.advance()
+    cur.at(7)
     state = cur.state_dict()
-    expected = [cur.advance() for _ in range(15)]
+    expected = [cur.probability()] + [cur.at(k) for k in range(8, 23)]
 
     resumed = NoiseCurriculum(start=0.05, end=0.6, total_steps=20, base=3.0)
     resumed.load_state_dict(state)
     assert resumed.step == 7
-    assert [resumed.advance() for _ in range(15)] == expected
+    assert [resumed.probability()] + [resumed.at(k) for k in range(8, 23)] == expected
+    with pytest.raises(ValueError, match=">= 0"):
+        resumed.at(-1)
 
 
 def test_load_state_dict_rejects_a_different_schedule():

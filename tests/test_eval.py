@@ -202,10 +202,10 @@ def hand_built_trajectory(tokenizer) -> Trajectory:
 
     traj = Trajectory(0, 0, "Who wrote Hamlet?", ["Shakespeare"], enc("prompt"))
     turn1 = enc("<think>I should look it up.</think>\n<search>Hamlet author</search>")
-    traj.append_policy(turn1, [0.0] * len(turn1))
+    traj.append_policy(turn1)
     traj.append_observation(enc("\n\n<information>Doc 1(Title: Hamlet) A play by William Shakespeare.</information>\n\n"))
     turn2 = enc("<think>It is Shakespeare.</think>\n<answer>William Shakespeare</answer>")
-    traj.append_policy(turn2, [0.0] * len(turn2))
+    traj.append_policy(turn2)
     return traj
 
 

@@ -59,9 +59,11 @@ class NoiseCurriculum:
         """Probability of a noisy search result at the current step."""
         return noise_probability(self.step, self.total_steps, self.start, self.end, self.base)
 
-    def advance(self) -> float:
-        """Move to the next step and return its probability."""
-        self.step += 1
+    def at(self, step: int) -> float:
+        """Move to training step ``step`` (the trainer calls it as it starts step k) and return its probability."""
+        if step < 0:
+            raise ValueError(f"a training step is >= 0, got {step}")
+        self.step = step
         return self.probability()
 
     def state_dict(self) -> dict[str, Any]:

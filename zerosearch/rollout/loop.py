@@ -127,6 +127,20 @@ def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
     return list(ids)
 
 
+@dataclass
+class _Batch:
+    """What one `AgentLoop.run` call tracks: its trajectories, draws, counters and searches in flight."""
+
+    trajs: list[Trajectory]
+    sampling: SamplingSpec
+    p_noisy: float
+    noise_seed: int
+    uid_offset: int
+    progress: object = None
+    stats: LoopStats = field(default_factory=LoopStats)
+    pending: dict[Future, tuple[Trajectory, float]] = field(default_factory=dict)
+
+
 class AgentLoop:
     """Runs trajectories for a batch of prompts through one engine and one search backend."""
 
@@ -162,49 +176,14 @@ class AgentLoop:
         `uid_offset`: the batch-wide index of this call's first trajectory (a data-parallel rank's first
         prompt times `n`). Noise draws and sampling seeds are keyed on `uid_offset + uid`, so every
         trajectory gets its own draws, the same whatever the number of ranks the batch is split over.
+        All per-batch state lives in a `_Batch`, so the loop keeps nothing from one `run` to the next.
         """
-        trajs = []
-        for group, sample in enumerate(samples):
-            prompt_ids = encode_prompt(self.tokenizer, sample.prompt)
-            if len(prompt_ids) > self.settings.max_prompt_length:
-                raise ValueError(
-                    f"prompt of sample {sample.index} ({sample.data_source}) has {len(prompt_ids)} tokens, more than "
-                    f"data.max_prompt_length={self.settings.max_prompt_length}; raise it or shorten the question"
-                )
-            for _ in range(n):
-                trajs.append(Trajectory(len(trajs), group, sample.question, list(sample.golden_answers), prompt_ids))
-        self._sampling, self._p_noisy, self._noise_seed, self._uid_offset = sampling, p_noisy, noise_seed, uid_offset
-        self._stats = stats = LoopStats()
-        self._progress = progress
-        pending: dict[Future, tuple[Trajectory, float]] = {}
-        self._pending = pending
-
+        batch = _Batch(self._trajectories(samples, n), sampling, p_noisy, noise_seed, uid_offset, progress)
         start = time.perf_counter()
-        for traj in trajs:
-            self._submit_turn(traj)
-        while self.engine.has_unfinished() or pending:
-            if self.engine.has_unfinished():
-                t0 = time.perf_counter()
-                finished = self.engine.poll()
-                stats.engine_s += time.perf_counter() - t0
-                for request_id, generation in finished:
-                    self._on_generation(trajs[int(request_id.split("/")[0])], generation)
-                done = [f for f in pending if f.done()]
-                # the whole iteration counts as generation time: a generation was running throughout
-                stats.generation_s += time.perf_counter() - t0
-            else:
-                t0 = time.perf_counter()
-                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
-                stats.search_wait_s += time.perf_counter() - t0
-            for future in done:
-                traj, sent = pending.pop(future)
-                stats.search_latency_s.append(time.perf_counter() - sent)
-                try:
-                    result = future.result()[0]
-                except SearchError as exc:  # the server's fault, not the policy's: end this trajectory only
-                    self._on_search_error(traj, exc)
-                    continue
-                self._on_search_result(traj, result)
+        for traj in batch.trajs:
+            self._submit_turn(batch, traj)
+        self._drive(batch)
+        stats, trajs = batch.stats, batch.trajs
         stats.wall_s = time.perf_counter() - start
         unfinished = [t.uid for t in trajs if not t.done]
         assert not unfinished, f"agent loop ended with unfinished trajectories {unfinished[:5]}"
@@ -218,55 +197,96 @@ class AgentLoop:
         stats.obs_tokens = sum(len(t.loss_mask) - t.num_policy_tokens for t in trajs)
         return trajs, stats
 
+    def _trajectories(self, samples, n: int) -> list[Trajectory]:
+        trajs = []
+        for group, sample in enumerate(samples):
+            prompt_ids = encode_prompt(self.tokenizer, sample.prompt)
+            if len(prompt_ids) > self.settings.max_prompt_length:
+                raise ValueError(
+                    f"prompt of sample {sample.index} ({sample.data_source}) has {len(prompt_ids)} tokens, more than "
+                    f"data.max_prompt_length={self.settings.max_prompt_length}; raise it or shorten the question"
+                )
+            for _ in range(n):
+                trajs.append(Trajectory(len(trajs), group, sample.question, list(sample.golden_answers), prompt_ids))
+        return trajs
+
+    def _drive(self, batch: _Batch) -> None:
+        """Poll the engine and collect search results until every trajectory has finished."""
+        stats, pending = batch.stats, batch.pending
+        while self.engine.has_unfinished() or pending:
+            if self.engine.has_unfinished():
+                t0 = time.perf_counter()
+                finished = self.engine.poll()
+                stats.engine_s += time.perf_counter() - t0
+                for request_id, generation in finished:
+                    self._on_generation(batch, batch.trajs[int(request_id.split("/")[0])], generation)
+                done = [f for f in pending if f.done()]
+                # the whole iteration counts as generation time: a generation was running throughout
+                stats.generation_s += time.perf_counter() - t0
+            else:
+                t0 = time.perf_counter()
+                done, _ = wait(list(pending), return_when=FIRST_COMPLETED)
+                stats.search_wait_s += time.perf_counter() - t0
+            for future in done:
+                traj, sent = pending.pop(future)
+                stats.search_latency_s.append(time.perf_counter() - sent)
+                try:
+                    result = future.result()[0]
+                except SearchError as exc:  # the server's fault, not the policy's: end this trajectory only
+                    self._on_search_error(batch, traj, exc)
+                    continue
+                self._on_search_result(batch, traj, result)
+
     # --- events ------------------------------------------------------------------------------
 
     def _budget(self, traj: Trajectory) -> int:
         return self.settings.max_total_length - len(traj.prompt_ids) - len(traj.response_ids)
 
-    def _submit_turn(self, traj: Trajectory) -> None:
+    def _submit_turn(self, batch: _Batch, traj: Trajectory) -> None:
         budget = self._budget(traj)
         if budget <= 0:
-            return self._finish(traj, "length")
+            return self._finish(batch, traj, "length")
         sampling = dataclasses.replace(
-            self._sampling,
+            batch.sampling,
             max_tokens=min(self.settings.max_response_length, budget),
-            seed=None if self._sampling.seed is None else
-            self._sampling.seed + (self._uid_offset + traj.uid) * 1009 + traj.turns,
+            seed=None if batch.sampling.seed is None else
+            batch.sampling.seed + (batch.uid_offset + traj.uid) * 1009 + traj.turns,
         )
         self.engine.submit(f"{traj.uid}/{traj.turns}", traj.prompt_ids + traj.response_ids, sampling)
 
-    def _on_generation(self, traj: Trajectory, gen: Generation) -> None:
-        traj.append_policy(gen.token_ids, gen.logprobs)
+    def _on_generation(self, batch: _Batch, traj: Trajectory, gen: Generation) -> None:
+        traj.append_policy(gen.token_ids)
         traj.turns += 1
         action = parse_action(gen.text)
         if action.kind == "answer":
             traj.answer = action.content
-            return self._finish(traj, "answer")
+            return self._finish(batch, traj, "answer")
         if traj.turns > self.settings.max_turns:
-            return self._finish(traj, "max_turns")
+            return self._finish(batch, traj, "max_turns")
         if self._budget(traj) <= 0:
-            return self._finish(traj, "length")
+            return self._finish(batch, traj, "length")
         if action.kind == "search":
-            traj.num_searches += 1
-            # One draw per (seed, trajectory, search): reproducible whatever order searches finish in, and
-            # keyed on the batch-wide index so that trajectory i of each rank does not share rank 0's draws.
-            key = f"{self._noise_seed}/{self._uid_offset + traj.uid}/{traj.num_searches}"
-            noisy = random.Random(key).random() < self._p_noisy
-            gate = self.settings.min_query_overlap
-            if gate > 0 and not noisy and query_overlap(action.content, traj.question) < gate:
-                noisy = True  # the simulator would write useful documents from the gold answer whatever the query
-                traj.off_topic += 1
-            traj.noisy_flags.append(noisy)
-            traj.queries.append(action.content)
-            request = SearchRequest(query=action.content, question=traj.question,
-                                    golden_answers=traj.golden_answers, noisy=noisy)
-            self._pending[self._pool.submit(self.search.search, [request])] = (traj, time.perf_counter())
-            self._stats.queries += 1
-            self._stats.max_queries_in_flight = max(self._stats.max_queries_in_flight, len(self._pending))
-            return
+            return self._search(batch, traj, action.content)
         traj.num_invalid += 1
         traj.append_observation(self._wrap(traj, self._invalid_ids))
-        self._submit_turn(traj)
+        self._submit_turn(batch, traj)
+
+    def _search(self, batch: _Batch, traj: Trajectory, query: str) -> None:
+        traj.num_searches += 1
+        # One draw per (seed, trajectory, search): reproducible whatever order searches finish in, and
+        # keyed on the batch-wide index so that trajectory i of each rank does not share rank 0's draws.
+        key = f"{batch.noise_seed}/{batch.uid_offset + traj.uid}/{traj.num_searches}"
+        noisy = random.Random(key).random() < batch.p_noisy
+        gate = self.settings.min_query_overlap
+        if gate > 0 and not noisy and query_overlap(query, traj.question) < gate:
+            noisy = True  # the simulator would write useful documents from the gold answer whatever the query
+            traj.off_topic += 1
+        traj.noisy_flags.append(noisy)
+        traj.queries.append(query)
+        request = SearchRequest(query=query, question=traj.question, golden_answers=traj.golden_answers, noisy=noisy)
+        batch.pending[self._pool.submit(self.search.search, [request])] = (traj, time.perf_counter())
+        batch.stats.queries += 1
+        batch.stats.max_queries_in_flight = max(batch.stats.max_queries_in_flight, len(batch.pending))
 
     def _wrap(self, traj: Trajectory, ids: list[int]) -> list[int]:
         """An observation as the protocol adds it: as is (`inline`), or as a user turn (`chat`), without a
@@ -278,7 +298,7 @@ class AgentLoop:
             open_ids = open_ids[1:]
         return open_ids + ids + self._turn_close_ids
 
-    def _on_search_result(self, traj: Trajectory, result: SearchResult) -> None:
+    def _on_search_result(self, batch: _Batch, traj: Trajectory, result: SearchResult) -> None:
         if result.noisy is None and traj.noisy_flags:
             traj.noisy_flags[-1] = None  # a real search engine: no useful/noisy split
         doc_ids = self.tokenizer.encode(result.text, add_special_tokens=False)
@@ -289,23 +309,24 @@ class AgentLoop:
             document = self.tokenizer.decode(doc_ids)  # only what the policy saw can count as retrieved
         traj.documents.append(document)
         traj.append_observation(self._wrap(traj, self._info_prefix_ids + doc_ids + self._info_suffix_ids))
-        self._submit_turn(traj)
+        self._submit_turn(batch, traj)
 
-    def _on_search_error(self, traj: Trajectory, exc: SearchError) -> None:
-        self._stats.search_errors += 1
+    def _on_search_error(self, batch: _Batch, traj: Trajectory, exc: SearchError) -> None:
+        stats = batch.stats
+        stats.search_errors += 1
         # the whole message once per batch: a dead server fails every search with the same long hint
-        log = logger.debug if self._stats.first_search_error else logger.warning
-        self._stats.first_search_error = self._stats.first_search_error or str(exc)
+        log = logger.debug if stats.first_search_error else logger.warning
+        stats.first_search_error = stats.first_search_error or str(exc)
         log("search for trajectory %d failed; it ends with finish reason 'error' (counted in "
             "rollout/search_errors): %s", traj.uid, exc)
         traj.error = str(exc)
-        self._finish(traj, "error")
+        self._finish(batch, traj, "error")
 
-    def _finish(self, traj: Trajectory, reason: str) -> None:
+    def _finish(self, batch: _Batch, traj: Trajectory, reason: str) -> None:
         traj.finish_reason = reason
         traj.response_text = self.tokenizer.decode(traj.response_ids, skip_special_tokens=False)
-        if self._progress is not None:
-            self._progress.update(1)
+        if batch.progress is not None:
+            batch.progress.update(1)
 
 
 def loop_metrics(trajs: list[Trajectory]) -> dict[str, float]:

@@ -24,8 +24,6 @@ class Trajectory:
     response_ids: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     """1 on policy tokens, 0 on observation tokens; same length as `response_ids`."""
-    logprobs: list[float] = field(default_factory=list)
-    """Sampling log-probs of the policy tokens; 0.0 on observation tokens."""
     turns: int = 0
     num_searches: int = 0
     num_invalid: int = 0
@@ -66,16 +64,13 @@ class Trajectory:
             return [0] * len(self.response_ids)
         return [1] * len(self.response_ids) if self.train_observations else self.loss_mask
 
-    def append_policy(self, token_ids: list[int], logprobs: list[float]) -> None:
-        assert len(token_ids) == len(logprobs), "one log-prob per sampled token"
+    def append_policy(self, token_ids: list[int]) -> None:
         self.response_ids += token_ids
         self.loss_mask += [1] * len(token_ids)
-        self.logprobs += logprobs
 
     def append_observation(self, token_ids: list[int]) -> None:
         self.response_ids += token_ids
         self.loss_mask += [0] * len(token_ids)
-        self.logprobs += [0.0] * len(token_ids)
 
     def score(self) -> dict[str, float]:
         """F1 and EM of the answer the policy gave (parsed from its own tokens, never from documents)."""
