@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (what it is, overrides of configs/cpu.yaml)
 TRAINED = {
-    "rl_no_search": ("RL without search (direct answers only)", ["rollout.max_turns=0"]),
+    # the same warm-start questions, answered without the search turn (`warmstart.search=false`)
+    "rl_no_search": ("RL without search (direct answers only)", ["rollout.max_turns=0", "warmstart.search=false"]),
     "rl_real": ("RL against the real engine (Search-R1 style, BM25)", ["search.mode=wiki"]),
     "rl_sim_prompt": ("RL against the prompt-mode simulator (the main job)", []),
     "rl_sim_sft": ("RL against the fine-tuned simulator (docs/simulator.md)",

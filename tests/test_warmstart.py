@@ -46,6 +46,17 @@ def test_only_questions_whose_answer_was_seen_become_demonstrations(smollm2_toke
     # the answer a demonstration writes is the gold one found in the documents, in the policy's final turn
     assert smollm2_tokenizer.decode(demos[0]["input_ids"]).endswith("<answer> Paris </answer>")
 
+    # without search (the baseline's warm-start): the same questions, answered in the first turn
+    no_search = load_config("cpu", ["warmstart.search=false"])
+    direct, direct_counts = build_demonstrations(no_search, samples, AnswerDocs(), smollm2_tokenizer)
+    assert [d["answer"] for d in direct] == ["Paris", "Venus"] and direct_counts == counts
+    for demo in direct:
+        text = smollm2_tokenizer.decode(demo["input_ids"])
+        reply = text.split("<|im_start|>assistant")[-1]
+        assert reply == "\n<answer> " + demo["answer"] + " </answer>"
+        trained = smollm2_tokenizer.decode([t for t, label in zip(demo["input_ids"], demo["labels"]) if label != -100])
+        assert trained == f"<answer> {demo['answer']} </answer>"
+
 
 def test_warm_start_fine_tunes_the_policy_on_the_demonstrations(tmp_path, tiny_model_dir, smollm2_tokenizer):
     """The stage end to end on a tiny corpus and a tiny random model: BM25 documents, demonstrations, TRL steps,

@@ -246,6 +246,9 @@ class WarmStartConfig:
     """Peak learning rate (cosine schedule, 10 % warm-up)."""
     batch_size: int = 8
     """Demonstrations per optimizer step."""
+    search: bool = True
+    """Demonstrations search, then answer; `false`: the same questions answered at once, without the search turn
+    (the warm-start of the "RL without search" baseline, `rollout.max_turns=0`, in `scripts/compare.py`)."""
 
 
 @dataclass

@@ -48,11 +48,15 @@ def _pick_answer(golden: list[str], documents: str, question: str) -> tuple[str 
     return None, False
 
 
-def demonstration(tokenizer, prompt: list[dict], query: str, documents: str, answer: str, protocol: str = "inline",
-                  max_obs_length: int = 500) -> dict[str, list[int]]:
-    """One trajectory as token ids and labels (-100 on the prompt and the observation)."""
+def demonstration(tokenizer, prompt: list[dict], query: str | None, documents: str, answer: str,
+                  protocol: str = "inline", max_obs_length: int = 500) -> dict[str, list[int]]:
+    """One trajectory as token ids and labels (-100 on the prompt and the observation); `query` None: the
+    answer alone, as a policy without search writes it."""
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
     prompt_ids = encode_prompt(tokenizer, prompt)
+    if query is None:
+        answer_ids = encode(f"<answer> {answer} </answer>")
+        return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
     search_ids = encode(f"<search> {query} </search>")
     answer_ids = encode(f"<answer> {answer} </answer>")
     prefix, suffix = INFORMATION_PREFIX, INFORMATION_SUFFIX
@@ -83,7 +87,8 @@ def build_demonstrations(cfg: Config, samples, search, tokenizer) -> tuple[list[
         counts["kept_answer_in_documents" if in_docs else "kept_answer_in_question"] += 1
         if answer_in_question(sample.question, sample.golden_answers):
             counts["kept_named"] += 1
-        demo = demonstration(tokenizer, sample.prompt, sample.question, result.text, answer,
+        query = sample.question if cfg.warmstart.search else None
+        demo = demonstration(tokenizer, sample.prompt, query, result.text, answer,
                              cfg.rollout.protocol, cfg.rollout.max_obs_length)
         demos.append({**demo, "question": sample.question, "answer": answer, "data_source": sample.data_source})
     return demos, dict(counts)
