@@ -379,3 +379,49 @@ def test_inline_protocol_keeps_one_assistant_message(smollm2_tokenizer):
 def test_unknown_protocol_is_refused(smollm2_tokenizer):
     with pytest.raises(ValueError, match="rollout.protocol"):
         make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER], protocol="tool")
+
+
+class SelfSearchEngine(ScriptedEngine):
+    """ScriptedEngine that also answers `simulate_self` requests (ids ending in /search) with documents."""
+
+    def __init__(self, tokenizer, scripts, docs):
+        super().__init__(tokenizer, scripts)
+        self.docs, self.search_prompts = docs, []
+
+    def poll(self):
+        searches = [q for q in self.queue if q[0].endswith("/search")]
+        self.queue = [q for q in self.queue if not q[0].endswith("/search")]
+        out = []
+        for request_id, prompt_ids, sampling in searches:
+            self.search_prompts.append(self.tokenizer.decode(prompt_ids))
+            ids = self.tokenizer.encode(self.docs, add_special_tokens=False)[: sampling.max_tokens]
+            out.append((request_id, Generation(ids, [-0.5] * len(ids), self.tokenizer.decode(ids), "stop", None)))
+        return out + super().poll()
+
+
+def test_simulate_self_writes_the_documents_with_the_policy_engine(smollm2_tokenizer):
+    from zerosearch.rollout.self_search import SelfSimulation
+
+    tok = smollm2_tokenizer
+    engine = SelfSearchEngine(tok, [SEARCH_THEN_ANSWER] * 2, "Doc 1: Paris is the capital of France.\nDoc 2: Lyon.")
+    backend = SelfSimulation(topk=3, temperature=0.7, max_tokens=48)
+    loop = AgentLoop(engine, backend, tok, LoopSettings())
+    engine.group_of.update({0: 0, 1: 1})
+    trajs, stats = loop.run([sample(0), sample(1)], 1, SamplingSpec(max_tokens=64), p_noisy=0.5, noise_seed=3)
+    assert all(t.finish_reason == "answer" and t.answer == "Paris" for t in trajs)
+    # the simulator's prompt: the same templates as the served simulator, filled with the query and the answer
+    assert len(engine.search_prompts) == 2 and all("Query: capital of France" in p for p in engine.search_prompts)
+    assert all("whose answer is Paris" in p or "Noisy Output" in p for p in engine.search_prompts)
+    sim_requests = [s for _, _, s in engine.submitted if s.max_tokens == 48]
+    assert len(sim_requests) == 2 and all(s.temperature == 0.7 and s.stop == [] for s in sim_requests)
+    for traj in trajs:
+        # the documents are the observation, masked out of the loss; none of the simulator's tokens is the policy's
+        observed = tok.decode([t for t, m in zip(traj.response_ids, traj.loss_mask) if m == 0])
+        policy = tok.decode([t for t, m in zip(traj.response_ids, traj.loss_mask) if m == 1])
+        assert "<information>" in observed and "Doc 1: Paris is the capital of France." in observed
+        assert policy == "".join(SEARCH_THEN_ANSWER) and traj.noisy_flags in ([True], [False])
+    assert stats.queries == 2 and len(stats.search_latency_s) == 2
+    counts = backend.stats()
+    assert counts["search/simulated_queries"] == 2 and counts["search/completion_tokens"] > 0
+    with pytest.raises(Exception, match="inside the agent loop"):
+        backend.search([])

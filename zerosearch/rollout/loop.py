@@ -33,10 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zerosearch.config import ROLLOUT_PROTOCOLS as PROTOCOLS
+from zerosearch.rewards import query_overlap
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
+from zerosearch.rollout.self_search import SelfSimulation
 from zerosearch.rollout.trajectory import Trajectory
-from zerosearch.rewards import query_overlap
 from zerosearch.search import SearchBackend, SearchError, SearchRequest, SearchResult
 
 logger = logging.getLogger("zerosearch.rollout")
@@ -139,6 +140,8 @@ class _Batch:
     progress: object = None
     stats: LoopStats = field(default_factory=LoopStats)
     pending: dict[Future, tuple[Trajectory, float]] = field(default_factory=dict)
+    self_searches: dict[str, tuple[Trajectory, SearchRequest, float, int]] = field(default_factory=dict)
+    """`simulate_self` searches in the policy's engine: request id -> (trajectory, request, sent, prompt tokens)."""
 
 
 class AgentLoop:
@@ -219,7 +222,10 @@ class AgentLoop:
                 finished = self.engine.poll()
                 stats.engine_s += time.perf_counter() - t0
                 for request_id, generation in finished:
-                    self._on_generation(batch, batch.trajs[int(request_id.split("/")[0])], generation)
+                    if request_id in batch.self_searches:
+                        self._on_self_search(batch, request_id, generation)
+                    else:
+                        self._on_generation(batch, batch.trajs[int(request_id.split("/")[0])], generation)
                 done = [f for f in pending if f.done()]
                 # the whole iteration counts as generation time: a generation was running throughout
                 stats.generation_s += time.perf_counter() - t0
@@ -284,8 +290,16 @@ class AgentLoop:
         traj.noisy_flags.append(noisy)
         traj.queries.append(query)
         request = SearchRequest(query=query, question=traj.question, golden_answers=traj.golden_answers, noisy=noisy)
-        batch.pending[self._pool.submit(self.search.search, [request])] = (traj, time.perf_counter())
         batch.stats.queries += 1
+        if isinstance(self.search, SelfSimulation):  # the policy's engine writes the documents: no server
+            request_id = f"{traj.uid}/{traj.turns}/search"
+            prompt_ids = self.search.prompt_ids(self.tokenizer, request)
+            seed = batch.sampling.seed
+            seed = None if seed is None else seed + 7919 * (batch.uid_offset + traj.uid) + traj.turns
+            batch.self_searches[request_id] = (traj, request, time.perf_counter(), len(prompt_ids))
+            self.engine.submit(request_id, prompt_ids, self.search.sampling(seed))
+            return
+        batch.pending[self._pool.submit(self.search.search, [request])] = (traj, time.perf_counter())
         batch.stats.max_queries_in_flight = max(batch.stats.max_queries_in_flight, len(batch.pending))
 
     def _wrap(self, traj: Trajectory, ids: list[int]) -> list[int]:
@@ -297,6 +311,11 @@ class AgentLoop:
         if open_ids and traj.response_ids and traj.response_ids[-1] == self._eos_id == open_ids[0]:
             open_ids = open_ids[1:]
         return open_ids + ids + self._turn_close_ids
+
+    def _on_self_search(self, batch: _Batch, request_id: str, generation: Generation) -> None:
+        traj, request, sent, prompt_tokens = batch.self_searches.pop(request_id)
+        batch.stats.search_latency_s.append(time.perf_counter() - sent)
+        self._on_search_result(batch, traj, self.search.result(request, generation, prompt_tokens))
 
     def _on_search_result(self, batch: _Batch, traj: Trajectory, result: SearchResult) -> None:
         if result.noisy is None and traj.noisy_flags:

@@ -178,7 +178,7 @@ class SearchStats:
 
     def add(self, key: str, value: float = 1.0) -> None:
         with self._lock:
-            self._counts[key] += value
+            self._counts[key] = self._counts.get(key, 0.0) + value
 
     @contextmanager
     def in_flight(self, n: int = 1):
