@@ -74,6 +74,10 @@ class SearchResult:
     noisy: bool | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    engine: str = ""
+    """The backend that wrote it (`simulate_prompt`, `wiki`, ...; hybrid search mixes them)."""
+    confidence: float | None = None
+    """A simulator's confidence in what it wrote, the geometric mean of its token probabilities (None: not asked)."""
 
 
 @runtime_checkable
