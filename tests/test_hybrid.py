@@ -1,0 +1,78 @@
+"""Hybrid search: routing by a drawn share and by the simulator's confidence, within real-query budgets."""
+
+import pytest
+
+from zerosearch.search import SearchRequest, SearchResult
+from zerosearch.search.hybrid import HybridSearch
+
+
+class FakeEngine:
+    def __init__(self, name, confidence=None):
+        self.name, self.confidence, self.requests = name, confidence, []
+
+    def search(self, requests):
+        self.requests += requests
+        conf = self.confidence or {}
+        return [SearchResult(text=f"{self.name}: {r.query}", noisy=None if self.name == "wiki" else bool(r.noisy),
+                             engine=self.name, confidence=conf.get(r.query)) for r in requests]
+
+    def stats(self):
+        key = "search/simulated_queries" if self.name.startswith("simulate") else f"search/real_queries/{self.name}"
+        return {"search/queries": float(len(self.requests)), key: float(len(self.requests)), "search/max_in_flight": 2.0}
+
+    def close(self):
+        self.closed = True
+
+
+def requests(n, noisy=False):
+    return [SearchRequest(query=f"q{i}", question="Q", golden_answers=["a"], noisy=noisy) for i in range(n)]
+
+
+def test_without_a_share_or_a_threshold_every_query_is_simulated():
+    sim, real = FakeEngine("simulate_prompt"), FakeEngine("wiki")
+    results = HybridSearch(sim, real).search(requests(5))
+    assert [r.engine for r in results] == ["simulate_prompt"] * 5 and not real.requests
+
+
+def test_a_drawn_share_goes_to_the_real_engine_reproducibly():
+    def route(seed):
+        sim, real = FakeEngine("simulate_prompt"), FakeEngine("wiki")
+        results = HybridSearch(sim, real, real_share=0.3, seed=seed).search(requests(200, noisy=True))
+        # results stay in request order, each from the engine that wrote it; the real engine gets no noise flag
+        assert [r.text.split(": ")[1] for r in results] == [f"q{i}" for i in range(200)]
+        assert all(r.noisy is None for r in real.requests) and all(r.noisy for r in sim.requests)
+        return [r.engine for r in results]
+
+    engines = route(1)
+    assert 40 <= engines.count("wiki") <= 80
+    assert route(1) == engines and route(2) != engines
+
+
+def test_a_low_confidence_result_is_replaced_by_the_real_engines():
+    sim = FakeEngine("simulate_prompt", confidence={"q0": 0.9, "q1": 0.2, "q2": 0.49, "q3": 0.5})
+    real = FakeEngine("wiki")
+    hybrid = HybridSearch(sim, real, min_confidence=0.5)
+    results = hybrid.search(requests(4))
+    assert [r.engine for r in results] == ["simulate_prompt", "wiki", "wiki", "simulate_prompt"]
+    assert [r.query for r in real.requests] == ["q1", "q2"] and len(sim.requests) == 4
+    stats = hybrid.stats()
+    assert stats["search/hybrid_low_confidence"] == 2 and stats["search/real_queries/wiki"] == 2
+    assert stats["search/simulated_queries"] == 4 and stats["search/max_in_flight"] == 2.0
+
+
+def test_budgets_per_step_and_per_run_cap_the_real_queries():
+    sim, real = FakeEngine("simulate_prompt"), FakeEngine("wiki")
+    hybrid = HybridSearch(sim, real, real_share=1.0, max_real_per_step=3, max_real_per_run=5)
+    first = hybrid.search(requests(4))
+    assert [r.engine for r in first].count("wiki") == 3  # the 4th keeps the simulator's documents
+    assert [r.engine for r in hybrid.search(requests(2))].count("wiki") == 0  # same step: budget spent
+    hybrid.begin_step()
+    assert [r.engine for r in hybrid.search(requests(4))].count("wiki") == 2  # the run's budget of 5 ends it
+    hybrid.begin_step()
+    assert [r.engine for r in hybrid.search(requests(4))].count("wiki") == 0
+    assert hybrid.stats()["search/hybrid_refused"] == 1 + 2 + 2 + 4 and len(real.requests) == 5
+
+
+def test_shares_out_of_range_are_refused():
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        HybridSearch(FakeEngine("simulate_prompt"), FakeEngine("wiki"), real_share=1.5)
