@@ -193,7 +193,7 @@ def test_bundled_corpus_answers_most_heldout_questions_with_bm25():
 import json
 from zerosearch.data import default_corpus_path, load_split
 from zerosearch.rewards import normalize_answer
-from zerosearch.search.local import BM25Search, read_corpus
+from zerosearch.search.bm25 import BM25Search, read_corpus
 docs = read_corpus(default_corpus_path())  # gzipped JSONL
 test = load_split("default", "test")
 hits = BM25Search(default_corpus_path(), topk=3).retrieve([s.question for s in test])

@@ -12,7 +12,7 @@ import pytest
 from conftest import http_server, reply
 
 from zerosearch.search.base import SearchError, SearchRequest
-from zerosearch.search.local import MAX_BODY_BYTES, MAX_TOPK, RetrieverClient, start_retriever_server
+from zerosearch.search.retriever import MAX_BODY_BYTES, MAX_TOPK, RetrieverClient, start_retriever_server
 
 CORPUS = [{"id": str(i), "contents": f"Title {i}\nPassage {i} about towers and bells."} for i in range(150)]
 

@@ -26,14 +26,9 @@ from zerosearch.search import (
     canonical_mode,
     search_modes,
 )
+from zerosearch.search.bm25 import BM25Search, CorpusError, passages_to_string
 from zerosearch.search.google import GoogleSearch, format_organic_results
-from zerosearch.search.local import (
-    BM25Search,
-    CorpusError,
-    RetrieverClient,
-    passages_to_string,
-    start_retriever_server,
-)
+from zerosearch.search.retriever import RetrieverClient, start_retriever_server
 from zerosearch.search.simulated import (
     SimulatedSearch,
     fill_template,
@@ -452,6 +447,22 @@ def test_all_requests_of_a_call_are_in_flight_at_once(fake_servers) -> None:
     assert server.max_in_flight == 12
     assert stats["search/max_in_flight"] == 12
     assert elapsed < 12 * 0.4 / 3, f"12 requests of 0.4s took {elapsed:.2f}s: not concurrent"
+
+
+def test_batches_from_many_threads_share_one_limit(fake_servers) -> None:
+    """The limit is the backend's, not the caller's: 12 threads of one request each, 3 in flight at most;
+    `submit` returns a Future of the same results without blocking."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = fake_servers(delay_s=0.1)
+    with SimulatedSearch(server.address, model="sim", concurrency=3) as sim:
+        with ThreadPoolExecutor(max_workers=12) as pool:
+            results = list(pool.map(lambda r: sim.search([r])[0], _requests(12)))
+        pending = sim.submit(_requests(2))
+        submitted = pending.result(timeout=30)
+    assert server.max_in_flight == 3
+    assert [r.text.split("\n")[0] for r in results] == [f"Doc 1: about query {i} #1" for i in range(12)]
+    assert [r.text.split("\n")[0] for r in submitted] == [f"Doc 1: about query {i} #1" for i in range(2)]
 
 
 def test_concurrency_limit_bounds_requests_in_flight(fake_servers) -> None:

@@ -642,7 +642,7 @@ def test_validation_searches_the_engine_and_the_summary_names_it(workspace, tiny
 def test_a_simulated_training_validates_through_the_real_engine(workspace, tiny_model_dir):
     """search.mode simulate_prompt trains against the simulator; validation goes to search.engine (BM25 here),
     the simulator only with `oracle` (trainer.val_search simulator / both)."""
-    from zerosearch.search.local import BM25Search
+    from zerosearch.search.bm25 import BM25Search
     from zerosearch.training.workers import ActorRolloutWorker
 
     cfg = load_config("cpu", overrides(workspace, tiny_model_dir, "val-sim", **{

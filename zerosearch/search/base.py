@@ -24,21 +24,16 @@ stand for ``simulate_prompt`` and ``sft`` / ``prompt`` for the two simulation mo
 
 from __future__ import annotations
 
-import asyncio
-import importlib
 import ipaddress
-import logging
 import math
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
-logger = logging.getLogger("zerosearch.search")
-
-T = TypeVar("T")
+from zerosearch.registry import Registry
 
 NO_INFORMATION = "No information available."
 
@@ -100,13 +95,7 @@ class SearchBackend(Protocol):
 # registry
 
 # mode -> module whose import registers it (lazy: importing this package imports no backend)
-_BACKEND_MODULES = {
-    "simulate_prompt": "zerosearch.search.simulated",
-    "simulate_sft": "zerosearch.search.simulated",
-    "wiki": "zerosearch.search.local",
-    "google": "zerosearch.search.google",
-}
-_ALIASES = {
+BACKENDS = Registry("search mode", aliases={
     "simulate": "simulate_prompt",
     "simulated": "simulate_prompt",
     "prompt": "simulate_prompt",
@@ -114,30 +103,27 @@ _ALIASES = {
     "bm25": "wiki",
     "local": "wiki",
     "serpapi": "google",
-}
-_FACTORIES: dict[str, Callable[..., SearchBackend]] = {}
+})
+BACKENDS.lazy("simulate_prompt", "zerosearch.search.simulated")
+BACKENDS.lazy("simulate_sft", "zerosearch.search.simulated")
+BACKENDS.lazy("wiki", "zerosearch.search.retriever")
+BACKENDS.lazy("google", "zerosearch.search.google")
 
 
 def register_backend(name: str) -> Callable[[Callable[..., SearchBackend]], Callable[..., SearchBackend]]:
     """Decorator: register a backend factory (a class or function taking keyword options) under ``name``."""
-
-    def decorator(factory: Callable[..., SearchBackend]) -> Callable[..., SearchBackend]:
-        _FACTORIES[name] = factory
-        return factory
-
-    return decorator
+    return BACKENDS.register(name)
 
 
 def search_modes() -> list[str]:
     """The valid mode names, sorted."""
-    return sorted(set(_BACKEND_MODULES) | set(_FACTORIES))
+    return BACKENDS.names()
 
 
 def canonical_mode(mode: str) -> str:
     """Map upstream's SEARCH_MODE / SEARCH_ENGINE spellings (and a few aliases) to a registered mode."""
-    key = mode.strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    if key not in _BACKEND_MODULES and key not in _FACTORIES:
+    key = BACKENDS.resolve(mode)
+    if key is None:
         raise ValueError(
             f"unknown search mode {mode!r}; valid modes: {', '.join(search_modes())} "
             "(upstream SEARCH_MODE simulate_prompt|simulate_sft|google and SEARCH_ENGINE wiki|google "
@@ -155,10 +141,7 @@ def build_search_backend(mode: str, **options: Any) -> SearchBackend:
     server), plus ``topk``. ``google``: ``topk`` (and ``api_key``, default env ``SER_API_KEY``).
     Raises ValueError listing the valid modes for an unknown name.
     """
-    key = canonical_mode(mode)
-    if key not in _FACTORIES:
-        importlib.import_module(_BACKEND_MODULES[key])
-    return _FACTORIES[key](**options)
+    return BACKENDS.load(canonical_mode(mode))(**options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,80 +182,6 @@ class SearchStats:
     def as_dict(self) -> dict[str, float]:
         with self._lock:
             return dict(self._counts)
-
-
-class BackgroundLoop:
-    """An asyncio event loop running in a daemon thread, reused for every call of one backend.
-
-    ``run(coro)`` blocks the caller until the coroutine finishes, so a synchronous ``search`` can keep
-    many HTTP requests in flight on one loop and one connection pool.
-    """
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        if self.loop.is_closed():
-            coro.close()
-            raise SearchError("this search backend was closed; build a new one")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
-
-
-async def call_with_retries(
-    call: Callable[[int], Awaitable[T]],
-    *,
-    target: Callable[[int], str],
-    max_retries: int,
-    backoff_s: float,
-    timeout_s: float,
-    stats: SearchStats,
-    hint: str | Callable[[int], str],
-    retryable: Callable[[BaseException], bool] = lambda exc: True,
-) -> T:
-    """Run ``call(attempt)`` with a per-attempt timeout and at most ``max_retries`` retries.
-
-    Retries wait ``backoff_s * 2**(attempt-1)`` and are logged (target, attempt, error). When the
-    budget is spent, or the error is not ``retryable``, raises SearchError naming the target, the
-    number of attempts and the last error, followed by ``hint`` (a string, or a function of the attempt).
-    """
-    check_timeout(timeout_s)
-    attempts = max_retries + 1
-    for attempt in range(attempts):
-        try:
-            return await asyncio.wait_for(call(attempt), timeout=timeout_s)
-        except Exception as exc:  # every failure is counted, logged, re-raised below
-            if isinstance(exc, TimeoutError):
-                error = f"TimeoutError: no answer within {timeout_s:g}s"
-            else:
-                error = f"{type(exc).__name__}: {exc}"
-            last = attempt + 1 == attempts or not retryable(exc)
-            if last:
-                stats.add("search/errors")
-                raise SearchError(
-                    f"{target(attempt)} failed after {attempt + 1} attempt(s) (last error: {error}). "
-                    f"{hint(attempt) if callable(hint) else hint}"
-                ) from exc
-            delay = backoff_s * (2**attempt)
-            stats.add("search/retries")
-            logger.warning(
-                "search request to %s failed (attempt %d/%d): %s; retrying in %.2fs",
-                target(attempt), attempt + 1, attempts, error, delay,
-            )
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
 
 
 def is_loopback(url_or_host: str) -> bool:

@@ -7,7 +7,6 @@ Needs an API key in the environment variable ``SER_API_KEY`` (the name upstream 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import re
@@ -15,16 +14,8 @@ from typing import Any
 
 import httpx
 
-from zerosearch.search.base import (
-    BackgroundLoop,
-    SearchError,
-    SearchRequest,
-    SearchResult,
-    SearchStats,
-    call_with_retries,
-    format_docs,
-    register_backend,
-)
+from zerosearch.search.base import SearchError, SearchRequest, SearchResult, format_docs, register_backend
+from zerosearch.search.http import HttpBackend
 
 SERPAPI_URL = "https://serpapi.com/search"
 API_KEY_ENV = "SER_API_KEY"
@@ -75,10 +66,11 @@ def format_organic_results(organic: list[dict[str, Any]], topk: int) -> str:
     return format_docs(docs)
 
 
-class GoogleSearch:
+class GoogleSearch(HttpBackend):
     """Google results via SerpAPI; all requests of a call in flight at once (at most ``concurrency``)."""
 
     name = "google"
+    failures = "Google searches"
 
     def __init__(
         self,
@@ -100,83 +92,50 @@ class GoogleSearch:
             )
         self.topk = topk
         self.url = url
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.concurrency = concurrency
-        self._stats = SearchStats()
-        self._semaphore: asyncio.Semaphore | None = None
-        self._loop = BackgroundLoop(name="zerosearch-google")
+        super().__init__(timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
+                         concurrency=concurrency, thread_name="google")
         self._client = httpx.AsyncClient(timeout=timeout_s)
         _install_log_redaction()
 
     def __repr__(self) -> str:  # never the key
         return f"GoogleSearch(url={self.url!r}, topk={self.topk})"
 
-    def search(self, requests: list[SearchRequest]) -> list[SearchResult]:
-        if not requests:
-            return []
-        return self._loop.run(self._search_all(requests))
-
-    async def _search_all(self, requests: list[SearchRequest]) -> list[SearchResult]:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.concurrency)
-        outcomes = await asyncio.gather(*(self._search_one(r) for r in requests), return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return outcomes  # type: ignore[return-value]
+    async def _aclose(self) -> None:
+        await self._client.aclose()
 
     async def _search_one(self, request: SearchRequest) -> SearchResult:
         params = {"engine": "google", "q": request.query, "api_key": self.api_key, "num": self.topk}
         self._stats.add("search/queries")
-
-        async def attempt(_: int) -> dict[str, Any]:
-            # httpx's errors print the request URL, key included: re-raise them with the key redacted and
-            # without their cause (a traceback would print the original message too)
-            try:
-                with self._stats.in_flight():
-                    response = await self._client.get(self.url, params=params)
-            except httpx.HTTPError as exc:
-                raise SerpAPIError(redact(f"{type(exc).__name__}: {exc}", self.api_key)) from None
-            if response.is_error:
-                raise SerpAPIError(f"HTTP {response.status_code} {response.reason_phrase} from {self.url}",
-                                   status=response.status_code)
-            try:
-                body = response.json()
-            except ValueError:
-                raise SerpAPIError(f"{self.url} answered with status {response.status_code} but not JSON") from None
-            if not isinstance(body, dict):  # a JSON array or string is no SerpAPI answer either
-                raise SerpAPIError(f"{self.url} answered with JSON that is not an object ({type(body).__name__})")
-            return body
-
-        assert self._semaphore is not None
-        async with self._semaphore:
-            body = await call_with_retries(
-                attempt,
-                target=lambda _: f"SerpAPI ({self.url})",
-                max_retries=self.max_retries,
-                backoff_s=self.backoff_s,
-                timeout_s=self.timeout_s,
-                stats=self._stats,
-                hint=f"Check the key in {API_KEY_ENV}, your SerpAPI quota, and that this machine can reach serpapi.com.",
-                retryable=_retryable,
-            )
+        body = await self._request(
+            lambda _: self._get(params),
+            target=lambda _: f"SerpAPI ({self.url})",
+            hint=f"Check the key in {API_KEY_ENV}, your SerpAPI quota, and that this machine can reach serpapi.com.",
+            retryable=_retryable,
+        )
         if body.get("error") and not body.get("organic_results"):
             # SerpAPI reports "no results" as an error string; that is an answer, not a failure
             return SearchResult(text=format_docs([]), noisy=None)
         return SearchResult(text=format_organic_results(body.get("organic_results") or [], self.topk), noisy=None)
 
-    def stats(self) -> dict[str, float]:
-        return self._stats.as_dict()
-
-    def close(self) -> None:
-        if self._loop.loop.is_closed():
-            return
+    async def _get(self, params: dict[str, Any]) -> dict[str, Any]:
+        """One SerpAPI call: its JSON object, or a SerpAPIError without the key."""
+        # httpx's errors print the request URL, key included: re-raise them with the key redacted and
+        # without their cause (a traceback would print the original message too)
         try:
-            self._loop.run(self._client.aclose())
-        finally:
-            self._loop.close()
+            with self._stats.in_flight():
+                response = await self._client.get(self.url, params=params)
+        except httpx.HTTPError as exc:
+            raise SerpAPIError(redact(f"{type(exc).__name__}: {exc}", self.api_key)) from None
+        if response.is_error:
+            raise SerpAPIError(f"HTTP {response.status_code} {response.reason_phrase} from {self.url}",
+                               status=response.status_code)
+        try:
+            body = response.json()
+        except ValueError:
+            raise SerpAPIError(f"{self.url} answered with status {response.status_code} but not JSON") from None
+        if not isinstance(body, dict):  # a JSON array or string is no SerpAPI answer either
+            raise SerpAPIError(f"{self.url} answered with JSON that is not an object ({type(body).__name__})")
+        return body
 
 
 def _retryable(exc: BaseException) -> bool:

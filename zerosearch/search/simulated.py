@@ -22,13 +22,11 @@ which a SearchError names the server, the attempts and the last error.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import re
-import threading
 from importlib import resources
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -36,18 +34,14 @@ import openai
 
 from zerosearch.search.base import (
     NO_INFORMATION,
-    BackgroundLoop,
     MalformedReply,
-    SearchError,
     SearchRequest,
     SearchResult,
-    SearchStats,
-    call_with_retries,
-    check_timeout,
     format_docs,
     is_loopback,
     register_backend,
 )
+from zerosearch.search.http import HttpBackend
 
 DEFAULT_SIM_PORT = 6001
 MODES = ("prompt", "sft")
@@ -188,7 +182,7 @@ def normalize_docs(text: str, topk: int) -> str:
 # the backend
 
 
-class SimulatedSearch:
+class SimulatedSearch(HttpBackend):
     """Documents written by a simulation LLM served over the OpenAI API (sglang or vLLM).
 
     ``servers``: "host:port" strings, or one comma-separated string like upstream's ``IP``
@@ -198,6 +192,8 @@ class SimulatedSearch:
     A reply that is not a chat completion with text content of at most ``max_reply_chars`` characters
     counts as a failed attempt. Servers on this machine are reached directly, never through ``HTTP_PROXY``.
     """
+
+    failures = "simulated searches"
 
     def __init__(
         self,
@@ -217,11 +213,6 @@ class SimulatedSearch:
     ) -> None:
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        if max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        check_timeout(timeout_s)
         self.mode = mode
         self.name = f"simulate_{mode}"
         self.urls = parse_servers(servers)
@@ -229,17 +220,11 @@ class SimulatedSearch:
         self.topk = topk
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.timeout_s = timeout_s
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.concurrency = concurrency
         self.max_reply_chars = max_reply_chars
         self.templates = load_templates(mode, template_dir)
-        self._stats = SearchStats()
-        self._rr = itertools.count()
-        self._rr_lock = threading.Lock()
-        self._semaphore: asyncio.Semaphore | None = None
-        self._loop = BackgroundLoop(name=f"zerosearch-{self.name}")
+        self._rr = itertools.count()  # the next server, advanced on the background loop only
+        super().__init__(timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
+                         concurrency=concurrency, thread_name=self.name)
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         self._clients = [
             openai.AsyncOpenAI(
@@ -249,56 +234,16 @@ class SimulatedSearch:
             for url in self.urls
         ]
 
-    # -- public API --------------------------------------------------------------------------
-
-    def search(self, requests: list[SearchRequest]) -> list[SearchResult]:
-        if not requests:
-            return []
-        with self._rr_lock:
-            starts = [next(self._rr) % len(self.urls) for _ in requests]
-        return self._loop.run(self._search_all(requests, starts))
-
-    def stats(self) -> dict[str, float]:
-        return self._stats.as_dict()
-
-    def close(self) -> None:
-        if self._loop.loop.is_closed():
-            return
-        try:
-            self._loop.run(self._close_clients())
-        finally:
-            self._loop.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # -- internals ---------------------------------------------------------------------------
-
-    async def _close_clients(self) -> None:
+    async def _aclose(self) -> None:
         for client in self._clients:
             await client.close()
 
-    async def _search_all(self, requests: list[SearchRequest], starts: list[int]) -> list[SearchResult]:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.concurrency)
-        outcomes = await asyncio.gather(
-            *(self._search_one(r, s) for r, s in zip(requests, starts)), return_exceptions=True
-        )
-        errors = [o for o in outcomes if isinstance(o, BaseException)]
-        if errors:
-            if len(errors) == 1:
-                raise errors[0]
-            raise SearchError(f"{len(errors)} of {len(requests)} simulated searches failed; first: {errors[0]}") from errors[0]
-        return outcomes  # type: ignore[return-value]
-
-    async def _search_one(self, request: SearchRequest, start: int) -> SearchResult:
+    async def _search_one(self, request: SearchRequest) -> SearchResult:
+        # Before any await: the tasks of a batch start in request order, so its requests take the servers in turn.
+        start, n = next(self._rr) % len(self.urls), len(self.urls)
         noisy = bool(request.noisy)
         prompt = fill_template(self.templates[noisy], request, self.topk, self.mode)
         self._stats.add("search/queries")
-        n = len(self.urls)
 
         async def attempt(k: int) -> tuple[str, Any]:
             with self._stats.in_flight():
@@ -310,18 +255,10 @@ class SimulatedSearch:
                 )
             return _reply_content(response, self.max_reply_chars), getattr(response, "usage", None)
 
-        assert self._semaphore is not None
-        async with self._semaphore:
-            content, usage = await call_with_retries(
-                attempt,
-                target=lambda k: f"simulation server {self.urls[(start + k) % n]}",
-                max_retries=self.max_retries,
-                backoff_s=self.backoff_s,
-                timeout_s=self.timeout_s,
-                stats=self._stats,
-                hint=lambda k: self._hint((start + k) % n),
-                retryable=_retryable,
-            )
+        content, usage = await self._request(
+            attempt, target=lambda k: f"simulation server {self.urls[(start + k) % n]}",
+            hint=lambda k: self._hint((start + k) % n), retryable=_retryable,
+        )
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
         self._stats.add("search/prompt_tokens", prompt_tokens)

@@ -173,7 +173,7 @@ COMMANDS = {"collect": cmd_collect, "label": cmd_label, "train": cmd_train, "eva
 def main(argv: list[str]) -> int:
     from zerosearch.config import ConfigError
     from zerosearch.data import DataFormatError
-    from zerosearch.search.local import CorpusError
+    from zerosearch.search.bm25 import CorpusError
     from zerosearch.simulator.label import JudgeError
     from zerosearch.simulator.records import RecordError
     from zerosearch.simulator.train import TrainDataError

@@ -116,7 +116,7 @@ def collect(cfg: Config, samples: list[QASample], out: str | Path, split: str, p
     todo = [s for s in samples if question_id(split, s) not in done]
     engine_name, topk = cfg.search.engine, cfg.search.topk
     if engine_name == "wiki" and not cfg.search.retriever_url:
-        from zerosearch.search.local import read_corpus
+        from zerosearch.search.bm25 import read_corpus
 
         read_corpus(resolve_corpus(cfg.search.corpus))  # a bad row fails here, before any model loads
     if engine_name == "google" and not os.environ.get(API_KEY_ENV):

@@ -24,13 +24,14 @@ same tokens (vLLM ``logprobs_mode="raw_logprobs"``).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+
+from zerosearch.registry import Registry
 
 DEFAULT_STOP = ("</search>", "</answer>")
 
@@ -156,33 +157,24 @@ def generate_with_engine(
 
 # name -> module whose import registers it (lazy: importing this package imports neither vllm nor
 # transformers)
-_ENGINE_MODULES = {
-    "vllm": "zerosearch.rollout.engines.vllm_engine",
-    "hf": "zerosearch.rollout.engines.hf_engine",
-}
-_FACTORIES: dict[str, Callable[..., PolicyEngine]] = {}
+ENGINES = Registry("policy engine")
+ENGINES.lazy("vllm", "zerosearch.rollout.engines.vllm_engine")
+ENGINES.lazy("hf", "zerosearch.rollout.engines.hf_engine")
 
 
 def register_engine(name: str) -> Callable[[Callable[..., PolicyEngine]], Callable[..., PolicyEngine]]:
     """Decorator: register an engine factory (a class or function ``(model_path, **options)``)."""
-
-    def decorator(factory: Callable[..., PolicyEngine]) -> Callable[..., PolicyEngine]:
-        _FACTORIES[name] = factory
-        return factory
-
-    return decorator
+    return ENGINES.register(name)
 
 
 def engine_names() -> list[str]:
     """The valid engine names, sorted."""
-    return sorted(set(_ENGINE_MODULES) | set(_FACTORIES))
+    return ENGINES.names()
 
 
 def build_policy_engine(name: str, model_path: str, **options: Any) -> PolicyEngine:
     """Build the engine registered as ``name`` (``vllm`` or ``hf``) for the model at ``model_path``."""
-    key = name.strip().lower()
-    if key not in _FACTORIES and key in _ENGINE_MODULES:
-        importlib.import_module(_ENGINE_MODULES[key])
-    if key not in _FACTORIES:
+    key = ENGINES.resolve(name)
+    if key is None:
         raise ValueError(f"unknown policy engine {name!r}; choose one of: {', '.join(engine_names())}")
-    return _FACTORIES[key](model_path, **options)
+    return ENGINES.load(key)(model_path, **options)
