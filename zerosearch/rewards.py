@@ -74,25 +74,49 @@ def f1_score(prediction: str | None, golden_answers: str | Sequence[str]) -> flo
 
 
 def compute_score(
-    response_text: str, golden_answers: str | Sequence[str], metric: str = "f1"
+    response_text: str, golden_answers: str | Sequence[str], metric: str = "f1", **shaping
 ) -> dict[str, float | bool | str | None]:
     """Score one response: the reward the trainer uses (``score``) plus both metrics for logging.
 
     ``response_text`` is the response only (see :func:`extract_answer`); a response without a complete
-    answer block scores 0. Returns ``{"score", "f1", "em", "has_answer", "answer"}``, where ``score`` is
-    the value of ``metric`` (one of :data:`REWARD_METRICS`).
+    answer block scores 0. Returns :func:`answer_reward`'s ``{"score", "f1", "em", "has_answer", "answer",
+    "retrieval_hit"}``, where ``score`` is the value of ``metric`` (one of :data:`REWARD_METRICS`), shaped by
+    ``shaping`` (:func:`answer_reward`'s keywords; without them the plain metric).
+    """
+    return answer_reward(extract_answer(response_text), golden_answers, metric, **shaping)
+
+
+def answer_reward(
+    answer: str | None,
+    golden_answers: str | Sequence[str],
+    metric: str = "f1",
+    *,
+    documents: Sequence[str] = (),
+    format_score: float = 0.0,
+    retrieval_score: float = 0.0,
+    valid: bool | None = None,
+) -> dict[str, float | bool | str | None]:
+    """The trainer's reward for one trajectory's ``answer`` (None: it gave none), and what it is made of.
+
+    ``score`` is the ``metric`` (F1 or EM against ``golden_answers``) with Search-R1's shaping
+    (:func:`shaped_reward`): a ``valid`` answer earns at least ``format_score``, plus ``retrieval_score`` when
+    one of the ``documents`` the search backend returned holds a gold answer (``retrieval_hit``). ``valid``
+    defaults to "an answer was given"; the trainer also refuses an answer that copies its prompt's worked
+    example. Returns ``{"score", "f1", "em", "has_answer", "answer", "retrieval_hit"}``.
     """
     if metric not in REWARD_METRICS:
         raise ValueError(f"unknown reward metric {metric!r}; choose one of {', '.join(REWARD_METRICS)}")
-    answer = extract_answer(response_text)
     f1 = f1_score(answer, golden_answers)
     em = exact_match(answer, golden_answers)
+    hit = retrieval_hit(documents, golden_answers)
+    ok = answer is not None if valid is None else valid
     return {
-        "score": f1 if metric == "f1" else em,
+        "score": shaped_reward(f1 if metric == "f1" else em, ok, hit, format_score, retrieval_score),
         "f1": f1,
         "em": em,
         "has_answer": answer is not None,
         "answer": answer,
+        "retrieval_hit": hit,
     }
 
 

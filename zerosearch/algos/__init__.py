@@ -2,6 +2,7 @@
 
 from zerosearch.algos.advantages import (
     advantage_estimators,
+    apply_kl_penalty,
     discounted_returns,
     gae,
     get_advantage_estimator,
@@ -33,6 +34,7 @@ __all__ = [
     "actor_loss",
     "advantage_estimators",
     "agg_loss",
+    "apply_kl_penalty",
     "discounted_returns",
     "entropy_from_logits",
     "gae",

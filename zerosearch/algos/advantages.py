@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from zerosearch.algos.losses import masked_whiten
+from zerosearch.algos.losses import kl_penalty, masked_whiten
 
 AdvantageFn = Callable[..., tuple[Tensor, Tensor]]
 
@@ -67,6 +67,17 @@ def outcome_to_token_rewards(scores: Tensor, response_mask: Tensor) -> Tensor:
     rows = torch.nonzero(has_token).squeeze(-1)  # [n]
     token_rewards[rows, last[rows]] = scores[rows].to(token_rewards.dtype)
     return token_rewards  # [batch, seq]
+
+
+def apply_kl_penalty(
+    token_rewards: Tensor, log_prob: Tensor, ref_log_prob: Tensor, response_mask: Tensor, kl_coef: float,
+    kind: str = "k1",
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO's KL in the reward: ``token_rewards - kl_coef * KL`` on the valid tokens, the KL to the reference
+    estimated per token by :func:`kl_penalty` of ``kind``. Metric ``reward/kl_penalty``: each sequence's summed
+    KL, averaged over the batch."""
+    kl = kl_penalty(log_prob, ref_log_prob, kind) * response_mask  # [batch, seq]
+    return token_rewards - kl_coef * kl, {"reward/kl_penalty": float((kl.sum(-1)).mean())}
 
 
 def group_index(group_ids: Tensor | Sequence, batch_size: int) -> Tensor:
