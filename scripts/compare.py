@@ -1,6 +1,7 @@
 """The paper's comparison in miniature: the same training budget, the same held-out questions, real search.
 
-    .venv/bin/python scripts/compare.py [--variants NAME ...] [--seeds 1 2 3] [--out runs/compare] [key=value ...]
+    .venv/bin/python scripts/compare.py [--variants NAME ...] [--seeds 1 2 3] [--out runs/compare]
+        [--warmstart RUN/warmstart] [--read-only] [key=value ...]
 
 Every trained variant is `zerosearch train --config cpu` with its overrides (and the extra `key=value`s given
 here, e.g. `trainer.total_steps=24`); each validates with greedy rollouts through BM25 over the bundled corpus on
@@ -51,11 +52,15 @@ def run(cmd: list[str], log: Path) -> None:
         sys.exit(f"failed with status {code}; see {log}")
 
 
-def trained(name: str, seed: int, out: Path, extra: list[str]) -> dict:
+def trained(name: str, seed: int, out: Path, extra: list[str], warmstart: str = "", read_only: bool = False) -> dict | None:
     run_dir = out / f"{name}-s{seed}"
     summary = run_dir / "summary.json"
+    if not summary.exists() and read_only:
+        return None
     if not summary.exists():
-        overrides = [*TRAINED[name][1], f"trainer.seed={seed}", f"trainer.output_dir={out}",
+        # every variant but the one without search starts from the same warm-start when one is given
+        reuse = [f"model.path={warmstart}", "warmstart.enabled=false"] if warmstart and name != "rl_no_search" else []
+        overrides = [*TRAINED[name][1], *reuse, f"trainer.seed={seed}", f"trainer.output_dir={out}",
                      f"trainer.experiment_name={run_dir.name}", *extra]
         run([sys.executable, "-m", "zerosearch.cli", "train", "--algo", "grpo", *overrides], out / f"{run_dir.name}.log")
     s = json.loads(summary.read_text())
@@ -96,16 +101,24 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=[*UNTRAINED, *TRAINED], choices=[*UNTRAINED, *TRAINED])
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
+    parser.add_argument("--warmstart", default="", help="a warm-started model (RUN/warmstart of an earlier run) that "
+                        "every trained variant but rl_no_search starts from, instead of building its own")
+    parser.add_argument("--read-only", action="store_true", help="run nothing; tabulate the finished runs in --out")
     args, extra = parser.parse_known_args()
     results: dict[str, list[dict]] = {}
     for name in args.variants:
         if name in UNTRAINED:
+            if args.read_only and not (args.out / name / "predictions.jsonl").exists():
+                continue
             results[name] = [untrained(name, args.out, extra)]
         else:
-            results[name] = [trained(name, seed, args.out, extra) for seed in args.seeds]
+            runs = [trained(name, seed, args.out, extra, args.warmstart, args.read_only) for seed in args.seeds]
+            results[name] = [r for r in runs if r is not None]
     head = "| variant | runs | " + " | ".join(f"{title} after (before)" for _, title in COLUMNS) + " |"
     lines = [head, "|---" * (len(COLUMNS) + 2) + "|"]
     for name, runs in results.items():
+        if not runs:
+            continue
         title = (UNTRAINED.get(name) or TRAINED[name])[0]
         cells = []
         for key, _ in COLUMNS:
