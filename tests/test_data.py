@@ -360,7 +360,7 @@ def test_worked_examples_vary_by_question_and_never_come_from_the_bundled_data()
 
 def test_train_sources_keep_only_those_rows_of_the_training_split(caplog):
     from zerosearch.config import load_config
-    from zerosearch.rollout.factory import load_samples
+    from zerosearch.data import load_samples
 
     cfg = load_config("cpu", ["data.train_sources=[2wikimultihopqa]"])
     train = load_samples(cfg, "train")

@@ -18,7 +18,7 @@ Methods:
 corpus for ``--config cpu``), as upstream evaluates. A simulated search is an oracle, not an
 evaluation: the simulator writes its useful documents from the gold answer; the outputs say so
 (``simulator_saw_answer`` in summary.json, a note under results.md). It starts (and afterwards stops) a
-simulation server when nothing listens at ``--ip``, exactly as training does (``rollout.factory.start_search``).
+simulation server when nothing listens at ``--ip``, exactly as training does (``rollout.stack.build_rollout_stack``).
 
 Output (``--output``, default ``runs/eval-<timestamp>``): ``predictions.jsonl`` (one row per
 question), ``results.json`` / ``results.md`` (the table printed at the end: one row per dataset and
@@ -36,7 +36,6 @@ import logging
 import re
 import sys
 import time
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from zerosearch.cmdline import (
     split_overrides,
 )
 from zerosearch.config import Config, save_config
-from zerosearch.data import DataFormatError, QASample, build_prompt, load_qa_file, resolve_corpus
+from zerosearch.data import DataFormatError, QASample, load_qa_file, resolve_corpus, with_prompt_template
 
 logger = logging.getLogger("zerosearch.eval")
 
@@ -276,11 +275,9 @@ def run_eval(cfg: Config, samples: list[QASample], method: str, out_dir: Path) -
     """Answer every sample greedily with `method`; returns prediction rows and run statistics."""
     from tqdm import tqdm
 
-    from zerosearch.rewards import extract_answer, retrieval_hit
-    from zerosearch.rollout.factory import build_engine, loop_settings, start_search, val_sampling
-    from zerosearch.rollout.loop import AgentLoop
+    from zerosearch.rollout.factory import loop_settings, val_sampling
+    from zerosearch.rollout.stack import build_rollout_stack
 
-    timings: dict[str, float] = {}
     sampling = val_sampling(cfg)
     if sampling.greedy:  # greedy needs no seed; without one the HF engine batches all requests together
         sampling = dataclasses.replace(sampling, seed=None)
@@ -288,49 +285,47 @@ def run_eval(cfg: Config, samples: list[QASample], method: str, out_dir: Path) -
     if method != "agent":  # one generation, whose search (if any) is never executed
         settings = dataclasses.replace(settings, max_turns=0)
         sampling = dataclasses.replace(sampling, stop=["</answer>"])
-    with ExitStack() as stack:
-        # The engine starts before the search backend: an in-process vLLM engine fails to start once
-        # bm25s (wiki search) has imported numba/llvmlite into this process.
-        t0 = time.perf_counter()
-        engine = build_engine(cfg, stack=stack)
-        timings["start_engine_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        search = NoSearch() if method == "direct" else start_search(cfg, stack, log_dir=out_dir / "logs")
-        timings["start_search_s"] = time.perf_counter() - t0
+    with build_rollout_stack(cfg, search=NoSearch() if method == "direct" else None, settings=settings,
+                             start_servers=True, log_dir=out_dir / "logs") as rollout:
+        timings = dict(rollout.timings_s)
         if method == "direct":
             samples = [dataclasses.replace(s, prompt=direct_prompt(s.question)) for s in samples]
         elif method == "rag":
             t0 = time.perf_counter()
-            docs = retrieve_for_questions(search, samples, engine.tokenizer, cfg.rollout.max_obs_length,
-                                          batch=cfg.search.concurrency)
+            docs = retrieve_for_questions(rollout.search, samples, rollout.engine.tokenizer,
+                                          cfg.rollout.max_obs_length, batch=cfg.search.concurrency)
             timings["retrieve_s"] = time.perf_counter() - t0
             samples = [dataclasses.replace(s, prompt=rag_prompt(s.question, d)) for s, d in zip(samples, docs)]
-        loop = AgentLoop(engine, search, engine.tokenizer, settings)
-        stack.callback(loop.close)
         t0 = time.perf_counter()
         with tqdm(total=len(samples), desc=f"eval {method}", unit="q") as bar:
-            trajs, stats = loop.run(samples, 1, sampling, p_noisy=0.0, noise_seed=cfg.trainer.seed, progress=bar)
+            trajs, stats = rollout.loop.run(samples, 1, sampling, p_noisy=0.0, noise_seed=cfg.trainer.seed,
+                                            progress=bar)
         timings["generate_s"] = time.perf_counter() - t0
-        search_stats = search.stats()
-    rows = []
-    for sample, traj in zip(samples, trajs):
-        if method != "agent" and traj.answer is None:
-            traj.answer = extract_answer(traj.response_text)  # the policy's own tokens only
-        score = traj.score()
-        rows.append({
-            "dataset": sample.data_source,
-            "question": sample.question,
-            "golden_answers": list(sample.golden_answers),
-            "prediction": traj.answer,
-            "em": score["em"],
-            "f1": score["f1"],
-            "num_searches": {"agent": traj.num_searches, "rag": 1, "direct": 0}[method],
-            "retrieval_hit": retrieval_hit(traj.documents, sample.golden_answers) if method == "agent" else None,
-            "queries": traj.queries,
-            "finish_reason": traj.finish_reason,
-            "response": traj.response_text,
-        })
+        search_stats = rollout.search.stats()
+    rows = [_prediction_row(sample, traj, method) for sample, traj in zip(samples, trajs)]
     return rows, {"timings_s": timings, "rollout_stats": stats.metrics(), "search_stats": search_stats}
+
+
+def _prediction_row(sample: QASample, traj, method: str) -> dict:
+    """One line of predictions.jsonl: the question, the answer, its scores and how it was found."""
+    from zerosearch.rewards import extract_answer, retrieval_hit
+
+    if method != "agent" and traj.answer is None:
+        traj.answer = extract_answer(traj.response_text)  # the policy's own tokens only
+    score = traj.score()
+    return {
+        "dataset": sample.data_source,
+        "question": sample.question,
+        "golden_answers": list(sample.golden_answers),
+        "prediction": traj.answer,
+        "em": score["em"],
+        "f1": score["f1"],
+        "num_searches": {"agent": traj.num_searches, "rag": 1, "direct": 0}[method],
+        "retrieval_hit": retrieval_hit(traj.documents, sample.golden_answers) if method == "agent" else None,
+        "queries": traj.queries,
+        "finish_reason": traj.finish_reason,
+        "response": traj.response_text,
+    }
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -357,9 +352,8 @@ def eval_main(argv: list[str]) -> int:
         args, overrides = _parse_eval_args(argv)
         cfg = build_config(args, overrides, uses_search=args.method != "direct", search_default="search.engine")
         samples = load_eval_samples(args.data, args.limit)
-        if cfg.data.prompt_template and args.method == "agent":  # the prompt the policy was trained with
-            samples = [dataclasses.replace(s, prompt=build_prompt(s.question, cfg.data.prompt_template))
-                       for s in samples]
+        if args.method == "agent":  # the prompt the policy was trained with
+            samples = with_prompt_template(samples, cfg.data.prompt_template)
     except EvalUsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -19,7 +19,6 @@ import itertools
 import os
 import re
 import sys
-from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -129,17 +128,15 @@ def infer_main(argv: list[str]) -> int:
         return int(e.code or 0)
 
     from zerosearch.data import QASample, build_prompt
-    from zerosearch.rollout.factory import build_engine, build_loop, start_search, val_sampling
+    from zerosearch.rollout.factory import val_sampling
+    from zerosearch.rollout.stack import build_rollout_stack
 
     question = args.question.strip()
     sample = QASample(question=question, golden_answers=list(args.answer), data_source="infer",
                       prompt=build_prompt(question), index=0)
-    with ExitStack() as stack:
-        engine = build_engine(cfg, stack=stack)  # first: see the note in eval.run_eval
-        search = start_search(cfg, stack)
-        loop = build_loop(cfg, engine, search, stack)
-        (traj,), _ = loop.run([sample], 1, val_sampling(cfg), p_noisy=0.0, noise_seed=cfg.trainer.seed)
-        segments = split_trace(traj, engine.tokenizer)
+    with build_rollout_stack(cfg, start_servers=True) as rollout:
+        (traj,), _ = rollout.loop.run([sample], 1, val_sampling(cfg), p_noisy=0.0, noise_seed=cfg.trainer.seed)
+        segments = split_trace(traj, rollout.engine.tokenizer)
 
     color = use_color(sys.stdout, args.no_color)
     print(f"Question: {question}\n")

@@ -12,6 +12,7 @@ from zerosearch.data.qa import (
     resolve_corpus,
 )
 from zerosearch.data.sampler import PromptSampler
+from zerosearch.data.samples import load_samples, with_prompt_template
 
 __all__ = [
     "DataFormatError",
@@ -22,6 +23,8 @@ __all__ = [
     "default_data_dir",
     "example_for",
     "load_qa_file",
+    "load_samples",
     "load_split",
     "resolve_corpus",
+    "with_prompt_template",
 ]

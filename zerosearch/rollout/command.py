@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import ExitStack
 from pathlib import Path
 
 from tqdm import tqdm
 
 from zerosearch.config import Config
 from zerosearch.curriculum import noise_probability
-from zerosearch.rollout.factory import build_engine, build_loop, load_samples, start_search, train_sampling
+from zerosearch.data import load_samples
+from zerosearch.rollout.factory import train_sampling
 from zerosearch.rollout.loop import loop_metrics
+from zerosearch.rollout.stack import build_rollout_stack
 
 logger = logging.getLogger("zerosearch.rollout")
 
@@ -23,13 +24,11 @@ def run_rollout_command(cfg: Config, out: str, num_prompts: int, split: str, ste
     p_noisy = noise_probability(step, cfg.trainer.total_steps, s.start_threshold, s.end_threshold, s.curriculum_base)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    with ExitStack() as stack:
-        engine = build_engine(cfg, stack=stack)  # before the search: see ActorRolloutWorker
-        search = start_search(cfg, stack, log_dir=out_path.parent / "logs")
-        loop = build_loop(cfg, engine, search, stack)
+    with build_rollout_stack(cfg, start_servers=True, log_dir=out_path.parent / "logs") as rollout:
         with tqdm(total=len(samples) * cfg.rollout.n, desc="rollout", unit="traj") as bar:
-            trajs, stats = loop.run(samples, cfg.rollout.n, train_sampling(cfg), p_noisy, cfg.trainer.seed, progress=bar)
-        search_stats = search.stats()
+            trajs, stats = rollout.loop.run(samples, cfg.rollout.n, train_sampling(cfg), p_noisy, cfg.trainer.seed,
+                                            progress=bar)
+        search_stats = rollout.search.stats()
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     with open(tmp, "w") as f:
         for traj in trajs:

@@ -1,42 +1,19 @@
-"""Build the rollout stack from a Config: simulation server(s), search backend, policy engine, loop.
-
-Shared by `zerosearch train`, `zerosearch rollout` and `zerosearch eval`, so every command starts
-and stops the same parts the same way.
+"""The parts of the rollout stack, each from a Config: the policy engine, the search backend, the loop's
+settings and sampling. `rollout/stack.py` puts them together in the one order that works; use that.
 """
 
 from __future__ import annotations
 
-import logging
 from contextlib import ExitStack
 from pathlib import Path
 
 from zerosearch.config import Config
-from zerosearch.data import build_prompt, load_split, resolve_corpus
+from zerosearch.data import load_samples, resolve_corpus  # noqa: F401  load_samples: training/ imports it from here
 from zerosearch.models import resolve_model_path
 from zerosearch.rollout.engines import SamplingSpec, build_policy_engine
 from zerosearch.rollout.loop import AgentLoop, LoopSettings
 from zerosearch.search import SearchBackend, build_search_backend
-
-logger = logging.getLogger("zerosearch.rollout")
-
-
-def load_samples(cfg: Config, split: str):
-    """A split of `data.path`, with prompts rebuilt from `data.prompt_template` when it is set; the training
-    split keeps only `data.train_sources` when that is set."""
-    samples = load_split(cfg.data.path, split)
-    sources = cfg.data.train_sources
-    if sources and split == cfg.data.train_split:
-        found = {s.data_source for s in samples}
-        if not set(sources) & found:  # other data than the sources were chosen for: keep it whole, and say so
-            logger.warning("data.train_sources=%s matches no row of the %r split of %s (its sources: %s); "
-                           "training on all of it. Set data.train_sources=[] to silence this.", list(sources), split,
-                           cfg.data.path, sorted(found))
-            return samples
-        samples = [s for s in samples if s.data_source in sources]
-    if cfg.data.prompt_template:
-        for sample in samples:
-            sample.prompt = build_prompt(sample.question, cfg.data.prompt_template)
-    return samples
+from zerosearch.search.server import start_simulation_servers
 
 
 def loop_settings(cfg: Config) -> LoopSettings:
@@ -64,36 +41,23 @@ def val_sampling(cfg: Config) -> SamplingSpec:
                         max_tokens=cfg.rollout.max_response_length, seed=cfg.trainer.seed)
 
 
-def start_simulation_servers(cfg: Config, stack: ExitStack, log_dir: str | Path | None = None) -> None:
-    """With `search.start_server=auto`, start a server for each local `search.ip` where nothing listens
-    (stopped by `stack`)."""
-    s = cfg.search
-    if s.start_server != "auto":
-        return
-    from zerosearch.search.server import ensure_simulation_server
-
-    engine = None if s.server_engine == "auto" else s.server_engine
-    kv = {"kv_cache_gib": s.server_kv_cache_gib} if s.server_kv_cache_gib else {}
-    for server in ensure_simulation_server(s.ip, s.simulation_llm, engine=engine, log_dir=log_dir,
-                                           start_timeout_s=s.server_startup_timeout_s, **kv):
-        stack.callback(server.stop)
-        logger.info("simulation server %s up in %.1fs (pid %s)", server.url, server.startup_s, server.pid)
-
-
 def start_search(cfg: Config, stack: ExitStack, log_dir: str | Path | None = None,
-                 mode: str | None = None) -> SearchBackend:
-    """The configured search backend; starts local simulation servers when needed (stopped by `stack`)."""
+                 mode: str | None = None, start_servers: bool = True) -> SearchBackend:
+    """The configured search backend (closed by `stack`). For a simulated mode, with `start_servers`, first
+    the local simulation servers that are down (`search.server.start_simulation_servers`, stopped by `stack`)."""
     s = cfg.search
     mode = mode or s.mode
     if mode.startswith("simulate"):
-        start_simulation_servers(cfg, stack, log_dir)
+        if start_servers:
+            start_simulation_servers(cfg, stack, log_dir)
         backend = build_search_backend(
             mode, servers=s.ip, model=s.simulation_llm, topk=s.topk, temperature=s.temperature,
             max_tokens=s.max_tokens, timeout_s=s.timeout_s, max_retries=s.max_retries, concurrency=s.concurrency,
         )
+    elif mode == "wiki" and s.retriever_url:
+        backend = build_search_backend("wiki", topk=s.topk, retriever_url=s.retriever_url, concurrency=s.concurrency)
     elif mode == "wiki":
-        options = {"retriever_url": s.retriever_url} if s.retriever_url else {"corpus": s.corpus}
-        backend = build_search_backend("wiki", topk=s.topk, **options)
+        backend = build_search_backend("wiki", topk=s.topk, corpus=s.corpus)
     else:
         backend = build_search_backend(mode, topk=s.topk)
     stack.callback(backend.close)

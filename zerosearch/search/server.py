@@ -28,11 +28,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import urlsplit
 
 from zerosearch.search.base import SearchError
+
+if TYPE_CHECKING:
+    from zerosearch.config import Config
 
 logger = logging.getLogger("zerosearch.search")
 
@@ -361,6 +365,20 @@ def ensure_simulation_server(
             server.stop()
         raise
     return started
+
+
+def start_simulation_servers(cfg: Config, stack: ExitStack, log_dir: str | Path | None = None) -> None:
+    """With `search.start_server=auto`, start a server for each local `search.ip` where nothing listens
+    (stopped by `stack`)."""
+    s = cfg.search
+    if s.start_server != "auto":
+        return
+    engine = None if s.server_engine == "auto" else s.server_engine
+    kv = {"kv_cache_gib": s.server_kv_cache_gib} if s.server_kv_cache_gib else {}
+    for server in ensure_simulation_server(s.ip, s.simulation_llm, engine=engine, log_dir=log_dir,
+                                           start_timeout_s=s.server_startup_timeout_s, **kv):
+        stack.callback(server.stop)
+        logger.info("simulation server %s up in %.1fs (pid %s)", server.url, server.startup_s, server.pid)
 
 
 def check_served_model(url: str, model: str, timeout_s: float = 10.0) -> None:

@@ -38,7 +38,7 @@ def _config(name: str, overrides: list[str]):
 
 
 def cmd_collect(argv: list[str]) -> int:
-    from zerosearch.rollout.factory import load_samples
+    from zerosearch.data import load_samples
     from zerosearch.simulator.collect import collect, select_questions
 
     p = argparse.ArgumentParser(prog="zerosearch simulator collect",

@@ -1,0 +1,42 @@
+"""The QA samples a command runs on, chosen by the config: a split of `data.path`, the training split narrowed
+to `data.train_sources`, the prompts rebuilt from `data.prompt_template`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+from zerosearch.data.qa import QASample, build_prompt, load_split
+
+if TYPE_CHECKING:
+    from zerosearch.config import Config
+
+logger = logging.getLogger("zerosearch.data")
+
+
+def load_samples(cfg: Config, split: str) -> list[QASample]:
+    """A split of `data.path`, with prompts rebuilt from `data.prompt_template` when it is set; the training
+    split keeps only `data.train_sources` when that is set."""
+    samples = load_split(cfg.data.path, split)
+    sources = cfg.data.train_sources
+    if sources and split == cfg.data.train_split:
+        found = {s.data_source for s in samples}
+        if not set(sources) & found:  # other data than the sources were chosen for: keep it whole, and say so
+            logger.warning("data.train_sources=%s matches no row of the %r split of %s (its sources: %s); "
+                           "training on all of it. Set data.train_sources=[] to silence this.", list(sources), split,
+                           cfg.data.path, sorted(found))
+            return samples
+        samples = [s for s in samples if s.data_source in sources]
+    if cfg.data.prompt_template:
+        for sample in samples:
+            sample.prompt = build_prompt(sample.question, cfg.data.prompt_template)
+    return samples
+
+
+def with_prompt_template(samples: list[QASample], template: str) -> list[QASample]:
+    """Copies of `samples` whose prompts are rebuilt from `template` (`data.prompt_template`); as they are
+    when it is empty (each data file's own prompt)."""
+    if not template:
+        return samples
+    return [dataclasses.replace(s, prompt=build_prompt(s.question, template)) for s in samples]
