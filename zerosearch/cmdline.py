@@ -8,7 +8,7 @@ import os
 import re
 from pathlib import Path
 
-from zerosearch.config import SEARCH_MODES, Config, ConfigError, load_config
+from zerosearch.config import POLICY_ENGINES, SEARCH_MODES, Config, ConfigError, load_config
 from zerosearch.data import resolve_corpus
 from zerosearch.search.google import API_KEY_ENV
 
@@ -43,7 +43,7 @@ def add_stack_args(parser: argparse.ArgumentParser, search_default: str = "searc
     parser.add_argument("--ip", help="simulation server(s), host:port[,host:port...]; a local one is started "
                                      "when nothing listens there, and stopped at the end")
     parser.add_argument("--simulation-llm", help="model the simulation server serves")
-    parser.add_argument("--engine", choices=("vllm", "hf"), help="policy engine (default: rollout.engine)")
+    parser.add_argument("--engine", choices=POLICY_ENGINES, help="policy engine (default: rollout.engine)")
     parser.add_argument("--max-turns", type=int, help="most search turns per question (rollout.max_turns)")
     parser.add_argument("--topk", type=int, help="documents per search (search.topk)")
     parser.add_argument("--config", default="cpu", help="config YAML in configs/ or a path (default: cpu)")
