@@ -5,6 +5,7 @@ round-robin, all requests in flight at once, a server that is down). No model, n
 from __future__ import annotations
 
 import json
+import math
 import logging
 import random
 import re
@@ -310,6 +311,7 @@ class FakeChatServer:
         self.max_in_flight = 0
         self.prompts: list[str] = []
         self.models: list[str] = []
+        self.bodies: list[dict] = []
         self.lock = threading.Lock()
         fake = self
 
@@ -329,6 +331,7 @@ class FakeChatServer:
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                     fake.prompts.append(body["messages"][-1]["content"])
                     fake.models.append(body["model"])
+                    fake.bodies.append(body)
                 try:
                     delay = fake.delay_s if isinstance(fake.delay_s, float) else random.uniform(*fake.delay_s)
                     time.sleep(delay)
@@ -337,9 +340,13 @@ class FakeChatServer:
                         return
                     query = re.findall(r"^Query: (.*)$", body["messages"][-1]["content"], flags=re.MULTILINE)[-1]
                     content = "Useful Output:\n" + "\n".join(f"Doc {i}: about {query} #{i}" for i in range(1, 8))
+                    # log-probs when asked (OpenAI's shape): -2.0 per token for an "unsure" query, else -0.1
+                    lp = -2.0 if "unsure" in query else -0.1
+                    logprobs = {"content": [{"token": t, "logprob": lp, "bytes": None, "top_logprobs": []}
+                                            for t in ("Doc", " 1", ":")]} if body.get("logprobs") else None
                     self._send(200, {
                         "id": f"chatcmpl-{n}", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop",
+                        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
                                      "message": {"role": "assistant", "content": content}}],
                         "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18},
                     })
@@ -415,6 +422,23 @@ def test_simulated_search_bounded_retries_and_counters(fake_servers, caplog: pyt
     assert f"http://{server.address}/v1" in retry_logs[0] and "attempt 1/4" in retry_logs[0]
     assert "500" in retry_logs[0]
     assert set(server.models) == {"sim"}
+
+
+def test_simulated_search_reports_its_confidence_engine_and_ledger_counters(fake_servers) -> None:
+    server = fake_servers()
+    with SimulatedSearch(server.address, model="sim", with_confidence=True, timeout_s=10) as sim:
+        sure, unsure = sim.search([SearchRequest(query="capital of France"), SearchRequest(query="unsure thing")])
+        stats = sim.stats()
+    assert all(body["logprobs"] is True for body in server.bodies)
+    assert sure.confidence == pytest.approx(math.exp(-0.1)) and unsure.confidence == pytest.approx(math.exp(-2.0))
+    assert sure.engine == unsure.engine == "simulate_prompt"
+    # the cost ledger's keys: simulated queries and the wall time with one in flight
+    assert stats["search/simulated_queries"] == 2 and stats["search/simulator_s"] > 0
+    assert not any(key.startswith("search/real_queries") for key in stats)
+
+    with SimulatedSearch(server.address, model="sim", timeout_s=10) as sim:  # not asked: none requested
+        (plain,) = sim.search([SearchRequest(query="capital of France")])
+    assert plain.confidence is None and "logprobs" not in server.bodies[-1]
 
 
 def test_simulated_search_round_robin_and_request_order(fake_servers) -> None:

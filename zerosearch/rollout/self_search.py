@@ -29,7 +29,7 @@ class SelfSimulation:
             raise ValueError(f"topk must be >= 1, got {topk}")
         self.topk, self.temperature, self.max_tokens = topk, temperature, max_tokens
         self.templates = load_templates("prompt", template_dir)
-        self._stats = SearchStats()
+        self._stats = SearchStats(role="simulated")
 
     def prompt_ids(self, tokenizer, request: SearchRequest) -> list[int]:
         """The simulator's chat (empty system message, the filled template as the user turn), as token ids."""
@@ -44,10 +44,9 @@ class SelfSimulation:
     def result(self, request: SearchRequest, generation: Generation, prompt_tokens: int) -> SearchResult:
         """What the policy's engine wrote, parsed into documents as the served simulator's reply is."""
         self._stats.add("search/queries")
-        self._stats.add("search/simulated_queries")
         self._stats.add("search/prompt_tokens", prompt_tokens)
         self._stats.add("search/completion_tokens", len(generation.token_ids))
-        return SearchResult(text=normalize_docs(generation.text, self.topk), noisy=bool(request.noisy),
+        return SearchResult(text=normalize_docs(generation.text, self.topk), noisy=bool(request.noisy), engine=self.name,
                             prompt_tokens=prompt_tokens, completion_tokens=len(generation.token_ids))
 
     def search(self, requests: list[SearchRequest]) -> list[SearchResult]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import threading
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -149,9 +150,15 @@ def build_search_backend(mode: str, **options: Any) -> SearchBackend:
 
 
 class SearchStats:
-    """Thread-safe cumulative counters, plus the in-flight gauge whose maximum is reported."""
+    """Thread-safe cumulative counters, plus the in-flight gauge whose maximum is reported.
 
-    def __init__(self) -> None:
+    ``role`` names what the queries were, for the cost ledger (`zerosearch/ledger.py`): "simulated" adds
+    ``search/simulated_queries`` and ``search/simulator_s`` (wall time with a query in flight); a real
+    engine's name adds ``search/real_queries/<name>``.
+    """
+
+    def __init__(self, role: str = "") -> None:
+        self.role = role
         self._lock = threading.Lock()
         self._counts = {
             "search/queries": 0.0,
@@ -160,8 +167,10 @@ class SearchStats:
             "search/retries": 0.0,
             "search/errors": 0.0,
             "search/max_in_flight": 0.0,
+            "search/busy_s": 0.0,
         }
         self._in_flight = 0
+        self._busy_since = 0.0
 
     def add(self, key: str, value: float = 1.0) -> None:
         with self._lock:
@@ -170,6 +179,8 @@ class SearchStats:
     @contextmanager
     def in_flight(self, n: int = 1):
         with self._lock:
+            if self._in_flight == 0:
+                self._busy_since = time.perf_counter()
             self._in_flight += n
             if self._in_flight > self._counts["search/max_in_flight"]:
                 self._counts["search/max_in_flight"] = float(self._in_flight)
@@ -178,10 +189,18 @@ class SearchStats:
         finally:
             with self._lock:
                 self._in_flight -= n
+                if self._in_flight == 0:
+                    self._counts["search/busy_s"] += time.perf_counter() - self._busy_since
 
     def as_dict(self) -> dict[str, float]:
         with self._lock:
-            return dict(self._counts)
+            out = dict(self._counts)
+        if self.role == "simulated":
+            out["search/simulated_queries"] = out["search/queries"]
+            out["search/simulator_s"] = out["search/busy_s"]
+        elif self.role:
+            out[f"search/real_queries/{self.role}"] = out["search/queries"]
+        return out
 
 
 def is_loopback(url_or_host: str) -> bool:

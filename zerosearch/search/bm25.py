@@ -126,7 +126,7 @@ class BM25Search:
         self._retriever = bm25s.BM25()
         self._retriever.index(self._tokenize([d["contents"] for d in self.docs]), show_progress=False)
         self._lock = threading.Lock()
-        self._stats = SearchStats()
+        self._stats = SearchStats(role=self.name)
 
     def _tokenize(self, texts: list[str]) -> list[list[str]]:
         return self._bm25s.tokenize(
@@ -153,7 +153,7 @@ class BM25Search:
         self._stats.add("search/queries", len(requests))
         with self._stats.in_flight(len(requests)):
             hits = self.retrieve([r.query for r in requests])
-        return [SearchResult(text=passages_to_string([d for d, _ in row]), noisy=None) for row in hits]
+        return [SearchResult(text=passages_to_string([d for d, _ in row]), noisy=None, engine=self.name) for row in hits]
 
     def stats(self) -> dict[str, float]:
         return self._stats.as_dict()

@@ -114,8 +114,8 @@ class GoogleSearch(HttpBackend):
         )
         if body.get("error") and not body.get("organic_results"):
             # SerpAPI reports "no results" as an error string; that is an answer, not a failure
-            return SearchResult(text=format_docs([]), noisy=None)
-        return SearchResult(text=format_organic_results(body.get("organic_results") or [], self.topk), noisy=None)
+            return SearchResult(text=format_docs([]), noisy=None, engine=self.name)
+        return SearchResult(text=format_organic_results(body.get("organic_results") or [], self.topk), noisy=None, engine=self.name)
 
     async def _get(self, params: dict[str, Any]) -> dict[str, Any]:
         """One SerpAPI call: its JSON object, or a SerpAPIError without the key."""

@@ -122,6 +122,12 @@ class HttpBackend:
 
     name: str
     failures = "searches"
+    simulated = False
+    """A simulator writes the documents (the cost ledger counts its queries and busy time apart)."""
+
+    @property
+    def ledger_role(self) -> str:
+        return "simulated" if self.simulated else self.name
 
     def __init__(self, *, timeout_s: float, max_retries: int, backoff_s: float, concurrency: int,
                  thread_name: str) -> None:
@@ -133,7 +139,7 @@ class HttpBackend:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.concurrency = concurrency
-        self._stats = SearchStats()
+        self._stats = SearchStats(role=self.ledger_role)
         self._limit = asyncio.Semaphore(concurrency)  # bound to the background loop at its first use
         self._loop = BackgroundLoop(name=f"zerosearch-{thread_name}")
 

@@ -78,7 +78,7 @@ class RetrieverClient(HttpBackend):
         self._stats.add("search/queries", len(requests))
         with self._stats.in_flight(len(requests)):
             result = await self._retrieve([r.query for r in requests])
-        return [SearchResult(text=passages_to_string(docs), noisy=None) for docs in result]
+        return [SearchResult(text=passages_to_string(docs), noisy=None, engine=self.name) for docs in result]
 
     async def _retrieve(self, queries: list[str]) -> list[list[dict[str, Any]]]:
         payload = {"queries": queries, "topk": self.topk, "return_scores": True}

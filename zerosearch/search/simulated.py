@@ -23,6 +23,7 @@ which a SearchError names the server, the attempts and the last error.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from importlib import resources
 from pathlib import Path
@@ -195,6 +196,8 @@ class SimulatedSearch(HttpBackend):
 
     failures = "simulated searches"
 
+    simulated = True
+
     def __init__(
         self,
         servers: list[str] | str,
@@ -210,6 +213,7 @@ class SimulatedSearch(HttpBackend):
         api_key: str = "EMPTY",
         template_dir: str | Path | None = None,
         max_reply_chars: int = 65_536,
+        with_confidence: bool = False,
     ) -> None:
         if topk < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
@@ -221,6 +225,7 @@ class SimulatedSearch(HttpBackend):
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.max_reply_chars = max_reply_chars
+        self.with_confidence = with_confidence
         self.templates = load_templates(mode, template_dir)
         self._rr = itertools.count()  # the next server, advanced on the background loop only
         super().__init__(timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
@@ -245,17 +250,19 @@ class SimulatedSearch(HttpBackend):
         prompt = fill_template(self.templates[noisy], request, self.topk, self.mode)
         self._stats.add("search/queries")
 
-        async def attempt(k: int) -> tuple[str, Any]:
+        async def attempt(k: int) -> tuple[str, Any, float | None]:
             with self._stats.in_flight():
                 response = await self._clients[(start + k) % n].chat.completions.create(
                     model=self.model,
                     messages=[{"role": "system", "content": ""}, {"role": "user", "content": prompt}],
                     temperature=self.temperature,
                     max_tokens=self.max_tokens,
+                    **({"logprobs": True} if self.with_confidence else {}),
                 )
-            return _reply_content(response, self.max_reply_chars), getattr(response, "usage", None)
+            content = _reply_content(response, self.max_reply_chars)
+            return content, getattr(response, "usage", None), _confidence(response) if self.with_confidence else None
 
-        content, usage = await self._request(
+        content, usage, confidence = await self._request(
             attempt, target=lambda k: f"simulation server {self.urls[(start + k) % n]}",
             hint=lambda k: self._hint((start + k) % n), retryable=_retryable,
         )
@@ -264,8 +271,8 @@ class SimulatedSearch(HttpBackend):
         self._stats.add("search/prompt_tokens", prompt_tokens)
         self._stats.add("search/completion_tokens", completion_tokens)
         return SearchResult(
-            text=normalize_docs(content, self.topk), noisy=noisy,
-            prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+            text=normalize_docs(content, self.topk), noisy=noisy, prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, engine=self.name, confidence=confidence,
         )
 
     def _hint(self, index: int) -> str:
@@ -293,6 +300,15 @@ def _reply_content(response: Any, max_chars: int) -> str:
     if len(content) > max_chars:
         raise MalformedReply(f"a reply of {len(content)} characters, more than max_reply_chars={max_chars}")
     return content
+
+
+def _confidence(response: Any) -> float | None:
+    """The geometric mean of the reply's token probabilities, exp(mean token log-prob); None without log-probs."""
+    logprobs = response.choices[0].logprobs
+    tokens = getattr(logprobs, "content", None) or []
+    if not tokens:
+        return None
+    return math.exp(sum(t.logprob for t in tokens) / len(tokens))
 
 
 def _retryable(exc: BaseException) -> bool:
