@@ -5,8 +5,8 @@ round-robin, all requests in flight at once, a server that is down). No model, n
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import random
 import re
 import socket
