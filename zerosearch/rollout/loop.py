@@ -39,6 +39,7 @@ from zerosearch.rollout.parser import parse_action
 from zerosearch.rollout.self_search import SelfSimulation
 from zerosearch.rollout.trajectory import Trajectory
 from zerosearch.search import SearchBackend, SearchError, SearchRequest, SearchResult
+from zerosearch.search.http import HttpBackend
 
 logger = logging.getLogger("zerosearch.rollout")
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -299,7 +300,11 @@ class AgentLoop:
             batch.self_searches[request_id] = (traj, request, time.perf_counter(), len(prompt_ids))
             self.engine.submit(request_id, prompt_ids, self.search.sampling(seed))
             return
-        batch.pending[self._pool.submit(self.search.search, [request])] = (traj, time.perf_counter())
+        if isinstance(self.search, HttpBackend):  # its own event loop keeps requests in flight: no thread each
+            future = self.search.submit([request])
+        else:  # in-process BM25 or a composite: a thread of the pool
+            future = self._pool.submit(self.search.search, [request])
+        batch.pending[future] = (traj, time.perf_counter())
         batch.stats.max_queries_in_flight = max(batch.stats.max_queries_in_flight, len(batch.pending))
 
     def _wrap(self, traj: Trajectory, ids: list[int]) -> list[int]:
