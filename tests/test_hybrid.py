@@ -76,3 +76,88 @@ def test_budgets_per_step_and_per_run_cap_the_real_queries():
 def test_shares_out_of_range_are_refused():
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         HybridSearch(FakeEngine("simulate_prompt"), FakeEngine("wiki"), real_share=1.5)
+
+
+# --- the configured stack: SEARCH_MODE hybrid and simulate_self through the factory -----------------------
+
+
+class FakeRetriever:
+    """A Search-R1 `/retrieve` server on 127.0.0.1 answering one document per query."""
+
+    def __init__(self):
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                result = [[{"document": {"contents": f'"Real"\n{q} is in the corpus'}}] for q in body["queries"]]
+                data = json.dumps({"result": result}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/retrieve"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_search_mode_hybrid_builds_the_simulator_and_the_real_engine(fake_servers_for_hybrid):
+    from contextlib import ExitStack
+
+    from zerosearch.config import load_config
+    from zerosearch.rollout.factory import describe_search, start_search
+    from zerosearch.search.hybrid import HybridSearch
+    from zerosearch.search.retriever import RetrieverClient
+    from zerosearch.search.simulated import SimulatedSearch
+
+    chat, retriever = fake_servers_for_hybrid
+    cfg = load_config("cpu", [
+        "search.mode=hybrid", f"search.ip={chat.address}", "search.start_server=never", "search.simulation_llm=sim",
+        f"search.retriever_url={retriever.url}", "search.hybrid_real_share=1.0", "search.hybrid_min_confidence=0.5",
+        "search.hybrid_max_real_per_step=1",
+    ])
+    with ExitStack() as stack:
+        hybrid = start_search(cfg, stack)
+        assert isinstance(hybrid, HybridSearch) and hybrid.min_confidence == 0.5 and hybrid.budget.per_step == 1
+        assert isinstance(hybrid.simulated, SimulatedSearch) and hybrid.simulated.with_confidence
+        assert isinstance(hybrid.real, RetrieverClient)
+        first, second = hybrid.search([SearchRequest(query="capital of France"), SearchRequest(query="Peru")])
+        stats = hybrid.stats()
+    assert first.engine == "wiki" and "capital of France is in the corpus" in first.text
+    assert second.engine == "simulate_prompt" and second.text.startswith("Doc 1: about Peru")  # the budget ran out
+    assert stats["search/real_queries/wiki"] == 1 and stats["search/simulated_queries"] == 1
+    assert "hybrid" in describe_search(cfg, "hybrid")
+
+
+def test_search_mode_simulate_self_needs_no_server():
+    from contextlib import ExitStack
+
+    from zerosearch.config import load_config
+    from zerosearch.rollout.factory import start_search
+    from zerosearch.rollout.self_search import SelfSimulation
+
+    cfg = load_config("cpu", ["search.mode=simulate_self", "search.ip=", "search.topk=3"])
+    with ExitStack() as stack:
+        backend = start_search(cfg, stack)
+    assert isinstance(backend, SelfSimulation) and backend.topk == 3 and backend.max_tokens == cfg.search.max_tokens
+
+
+@pytest.fixture
+def fake_servers_for_hybrid():
+    from test_search import FakeChatServer
+
+    chat, retriever = FakeChatServer(), FakeRetriever()
+    yield chat, retriever
+    chat.close()
+    retriever.close()

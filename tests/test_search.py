@@ -4,6 +4,7 @@ round-robin, all requests in flight at once, a server that is down). No model, n
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -637,6 +638,34 @@ def test_server_commands_per_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "--tensor-parallel-size" in vllm_gpu and "--enforce-eager" not in vllm_gpu
     with pytest.raises(SearchError, match="sglang has no CPU kernels"):
         SimulationServer("m", engine="sglang", gpu=False)
+
+
+
+def test_the_quantization_flag_reaches_the_server_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import ExitStack
+
+    from zerosearch.config import load_config
+    from zerosearch.search import server as server_module
+    from zerosearch.search.server import SimulationServer, add_serve_sim_args
+
+    for engine, gpu in (("vllm", False), ("vllm", True), ("sglang", True)):
+        cmd = SimulationServer("m", engine=engine, gpu=gpu, quantization="awq").command("/m")
+        assert cmd[cmd.index("--quantization") + 1] == "awq"
+        assert "--quantization" not in SimulationServer("m", engine=engine, gpu=gpu).command("/m")
+    # serve-sim --quantization, and search.server_quantization for the servers a run starts
+    args = add_serve_sim_args(argparse.ArgumentParser()).parse_args(["--quantization", "gptq"])
+    assert args.quantization == "gptq"
+    seen = {}
+
+    def fake_ensure(ip, model, **options):
+        seen.update(options)
+        return []
+
+    monkeypatch.setattr(server_module, "ensure_simulation_server", fake_ensure)
+    cfg = load_config("cpu", ["search.server_quantization=fp8"])
+    with ExitStack() as stack:
+        server_module.start_simulation_servers(cfg, stack)
+    assert seen["quantization"] == "fp8"
 
 
 def test_server_that_dies_during_start_quotes_its_log(tmp_path: Path, no_model_resolution: None) -> None:

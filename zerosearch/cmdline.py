@@ -8,7 +8,14 @@ import os
 import re
 from pathlib import Path
 
-from zerosearch.config import POLICY_ENGINES, SEARCH_MODES, Config, ConfigError, load_config
+from zerosearch.config import (
+    POLICY_ENGINES,
+    SEARCH_MODES,
+    Config,
+    ConfigError,
+    load_config,
+    uses_simulation_server,
+)
 from zerosearch.data import resolve_corpus
 from zerosearch.search.google import API_KEY_ENV
 
@@ -90,7 +97,7 @@ def build_config(args: argparse.Namespace, overrides: list[str], uses_search: bo
 def check_search_inputs(cfg: Config) -> None:
     """The corpus file of a `wiki` search must exist; so must a simulation model we would serve."""
     s = cfg.search
-    if s.mode.startswith("simulate") and s.start_server == "auto":
+    if uses_simulation_server(s.mode) and s.start_server == "auto":
         from zerosearch.search.server import LOCAL_HOSTS, is_listening
         from zerosearch.search.simulated import parse_servers, server_host_port
 

@@ -22,8 +22,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-SEARCH_MODES = ("simulate_prompt", "simulate_sft", "wiki", "google")
+SEARCH_MODES = ("simulate_prompt", "simulate_sft", "simulate_self", "hybrid", "wiki", "google")
 SEARCH_ENGINES = ("wiki", "google")
+SERVED_MODES = ("simulate_prompt", "simulate_sft", "hybrid")
+"""The search modes a simulation server answers (`simulate_self` runs in the policy's own engine)."""
+
+
+def uses_simulation_server(mode: str) -> bool:
+    return mode in SERVED_MODES
 VAL_SEARCHES = ("engine", "simulator", "both")
 ADV_ESTIMATORS = ("grpo", "gae", "reinforce", "reinforce_plus_plus", "rloo")
 KL_TYPES = ("k1", "k2", "k3", "low_var_kl", "kl", "mse")
@@ -124,6 +130,8 @@ class SearchConfig:
     """KV cache of a vLLM simulation server we start on CPU, in GiB (0 = the launcher's default, 2)."""
     server_startup_timeout_s: float = 300.0
     """How long to wait for a started simulation server to become healthy."""
+    server_quantization: str = ""
+    """`--quantization` of a simulation server we start (`awq`, `gptq`, `fp8`, ... on GPU; "" = none)."""
     start_threshold: float = 0.0
     """START_THRESHOLD: probability of noisy documents at step 0."""
     end_threshold: float = 0.5
@@ -149,6 +157,15 @@ class SearchConfig:
     max_error_share: float = 0.2
     """A search that still fails after its retries (or gets a malformed reply) ends only its trajectory, with
     finish reason `error` and no loss; the run stops when more than this share of one step's searches fail."""
+    hybrid_real_share: float = 0.0
+    """`hybrid`: the share of queries drawn for the real engine (`engine`) instead of the simulator."""
+    hybrid_min_confidence: float = 0.0
+    """`hybrid`: a simulated result whose confidence (exp of the mean token log-prob) is below this goes to the
+    real engine instead (0 = never)."""
+    hybrid_max_real_per_step: int = -1
+    """`hybrid`: most real queries per training step (-1: no limit); beyond it the simulator answers."""
+    hybrid_max_real_per_run: int = -1
+    """`hybrid`: most real queries over the run (-1: no limit)."""
     corpus: str = ""
     """JSONL passage corpus (`.jsonl` or `.jsonl.gz`) for `wiki` search (BM25, in process); `default` = the
     bundled 2WikiMultiHopQA corpus, which answers the bundled held-out questions."""
@@ -229,6 +246,22 @@ class CriticConfig:
     """Linear warm-up of the critic learning rate over `int(ratio * trainer.total_steps)` steps (upstream PPO: 0.015)."""
     cliprange_value: float = 0.5
     """Value clip range."""
+    weight_decay: float = 0.01
+    """AdamW weight decay of the value model."""
+    ppo_epochs: int = 1
+    """Passes over each batch of trajectories (one optimizer step each: the critic takes the whole batch)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip of the value model."""
+
+
+@dataclass
+class CostConfig:
+    """Prices of the cost ledger (`zerosearch/ledger.py`): what the run's searches cost, or would have."""
+
+    api_usd_per_1k_queries: float = 586.70 / 64.0
+    """Price of 1,000 paid-API searches; default ZeroSearch's: $586.70 of SerpAPI for ~64,000 queries."""
+    simulator_usd_per_hour: float = 2.0
+    """Price of an hour of the simulator's machine (a GPU-hour on GPU; about an on-demand A100's)."""
 
 
 @dataclass
@@ -321,6 +354,7 @@ class Config:
     actor: ActorConfig = field(default_factory=ActorConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     warmstart: WarmStartConfig = field(default_factory=WarmStartConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
@@ -439,37 +473,8 @@ def _one_of(value: Any, choices: tuple, key: str, hint: str = "") -> None:
 
 def validate(cfg: Config) -> None:
     """Check values that types cannot; each error names the field and how to fix it."""
-    s, r, a, act, t, d = cfg.search, cfg.rollout, cfg.algorithm, cfg.actor, cfg.trainer, cfg.data
-    _one_of(s.mode, SEARCH_MODES, "search.mode", "set SEARCH_MODE simulate_prompt (or search.mode=...)")
-    _one_of(s.engine, SEARCH_ENGINES, "search.engine", "set SEARCH_ENGINE wiki or google")
-    _one_of(s.server_engine, SIM_SERVER_ENGINES, "search.server_engine")
-    _one_of(s.start_server, ("auto", "never"), "search.start_server")
-    for key, value in (("search.start_threshold", s.start_threshold), ("search.end_threshold", s.end_threshold)):
-        _check(0.0 <= value <= 1.0, key, f"{value} is not a probability; use a value in [0, 1]")
-    _check(0.0 <= s.min_query_overlap <= 1.0, "search.min_query_overlap",
-           f"{s.min_query_overlap} is not in [0, 1]: a token F1 between query and question (0 = off)")
-    _check(s.curriculum_base > 0 and s.curriculum_base != 1, "search.curriculum_base", "must be > 0 and != 1 (upstream uses 4)")
-    _check(s.topk >= 1, "search.topk", f"{s.topk} < 1; set TOPK 5")
-    _check(s.max_retries >= 0 and s.timeout_s > 0 and s.concurrency >= 1, "search",
-           "max_retries must be >= 0, timeout_s > 0 and concurrency >= 1")
-    _check(0.0 <= s.max_error_share < 1.0, "search.max_error_share",
-           f"{s.max_error_share} is not in [0, 1): the share of a step's searches that may fail before the run stops")
-    _check(bool(s.ip.strip()) or not s.mode.startswith("simulate"), "search.ip",
-           "a simulated search needs a server address; set IP 127.0.0.1:6001")
-    if s.mode == "wiki":
-        _check(bool(s.corpus or s.retriever_url), "search.corpus",
-               "wiki search needs search.corpus=PATH.jsonl (`default`: the bundled 2WikiMultiHopQA corpus) or "
-               "search.retriever_url=http://host:port/retrieve")
-    _one_of(t.val_search, VAL_SEARCHES, "trainer.val_search")
-    if t.test_freq != 0 and t.val_search != "simulator" and s.engine == "wiki":
-        _check(bool(s.corpus or s.retriever_url), "search.corpus",
-               "validation searches SEARCH_ENGINE wiki, which needs search.corpus=PATH.jsonl (`default`: the bundled "
-               "2WikiMultiHopQA corpus) or search.retriever_url=http://host:port/retrieve; or set SEARCH_ENGINE google, "
-               "or trainer.test_freq=0 (no validation)")
-    if t.test_freq != 0 and t.val_search != "engine":
-        _check(s.mode.startswith("simulate"), "trainer.val_search",
-               f"'{t.val_search}' validates through the training simulator, but search.mode is '{s.mode}'; "
-               "use trainer.val_search=engine")
+    r, a, t, d = cfg.rollout, cfg.algorithm, cfg.trainer, cfg.data
+    _validate_search(cfg)
     _one_of(cfg.model.autocast_dtype, ("", "bfloat16", "float16"), "model.autocast_dtype")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     _one_of(r.engine, POLICY_ENGINES, "rollout.engine")
@@ -487,16 +492,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= a.retrieval_score and a.format_score + a.retrieval_score < 1.0, "algorithm.retrieval_score",
            "must be >= 0, and format_score + retrieval_score < 1 (a correct answer must pay most)")
     _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0 (it is a penalty toward the reference policy)")
-    _check(0 < act.lr < 1, "actor.lr", f"{act.lr} is not a usable learning rate; upstream uses 1e-6")
-    for key, ratio in (("actor.lr_warmup_steps_ratio", act.lr_warmup_steps_ratio),
-                       ("critic.lr_warmup_steps_ratio", cfg.critic.lr_warmup_steps_ratio)):
-        _check(0.0 <= ratio <= 1.0, key, f"{ratio} is a share of trainer.total_steps; use a value in [0, 1]")
-    _check(act.ppo_epochs >= 1 and act.ppo_mini_batch_size >= 1 and act.micro_batch_size >= 1, "actor",
-           "ppo_epochs, ppo_mini_batch_size and micro_batch_size must be >= 1")
-    for key, value in (("actor.clip_ratio_low", act.clip_ratio_low), ("actor.clip_ratio_high", act.clip_ratio_high)):
-        _check(value == -1 or 0 < value < 1, key, f"{value}: use a value in (0, 1), or -1 for actor.clip_ratio")
-    _check(act.dual_clip_c == 0 or act.dual_clip_c > 1, "actor.dual_clip_c", "must be 0 (off) or > 1")
-    _one_of(act.loss_agg_mode, LOSS_AGG_MODES, "actor.loss_agg_mode")
+    _validate_updates(cfg)
     _check(d.train_batch_size >= 1, "data.train_batch_size", "must be >= 1")
     _check(t.total_steps >= 1, "trainer.total_steps", f"{t.total_steps} < 1; set TOTAL_STEPS")
     _check(t.n_gpus_per_node >= 0 and t.nnodes >= 1, "trainer", "n_gpus_per_node must be >= 0 and nnodes >= 1")
@@ -511,6 +507,67 @@ def validate(cfg: Config) -> None:
     _validate_limits(cfg)
 
 
+def _validate_search(cfg: Config) -> None:
+    """The search backends, the noise curriculum and what validation searches."""
+    s, t = cfg.search, cfg.trainer
+    _one_of(s.mode, SEARCH_MODES, "search.mode", "set SEARCH_MODE simulate_prompt (or search.mode=...)")
+    _one_of(s.engine, SEARCH_ENGINES, "search.engine", "set SEARCH_ENGINE wiki or google")
+    _one_of(s.server_engine, SIM_SERVER_ENGINES, "search.server_engine")
+    _one_of(s.start_server, ("auto", "never"), "search.start_server")
+    for key, value in (("search.start_threshold", s.start_threshold), ("search.end_threshold", s.end_threshold)):
+        _check(0.0 <= value <= 1.0, key, f"{value} is not a probability; use a value in [0, 1]")
+    for key in ("hybrid_real_share", "hybrid_min_confidence"):
+        _check(0.0 <= getattr(s, key) <= 1.0, f"search.{key}", f"{getattr(s, key)} is not in [0, 1]")
+    for key in ("hybrid_max_real_per_step", "hybrid_max_real_per_run"):
+        _check(getattr(s, key) >= -1, f"search.{key}", f"{getattr(s, key)} < -1; -1 means no limit")
+    _check(s.mode != "hybrid" or s.engine != "google" or s.hybrid_max_real_per_run >= 0, "search.hybrid_max_real_per_run",
+           "hybrid search with Google needs a budget of paid queries; set it (e.g. 1000)")
+    _check(cfg.cost.api_usd_per_1k_queries >= 0 and cfg.cost.simulator_usd_per_hour >= 0, "cost", "prices must be >= 0")
+    _check(0.0 <= s.min_query_overlap <= 1.0, "search.min_query_overlap",
+           f"{s.min_query_overlap} is not in [0, 1]: a token F1 between query and question (0 = off)")
+    _check(s.curriculum_base > 0 and s.curriculum_base != 1, "search.curriculum_base", "must be > 0 and != 1 (upstream uses 4)")
+    _check(s.topk >= 1, "search.topk", f"{s.topk} < 1; set TOPK 5")
+    _check(s.max_retries >= 0 and s.timeout_s > 0 and s.concurrency >= 1, "search",
+           "max_retries must be >= 0, timeout_s > 0 and concurrency >= 1")
+    _check(0.0 <= s.max_error_share < 1.0, "search.max_error_share",
+           f"{s.max_error_share} is not in [0, 1): the share of a step's searches that may fail before the run stops")
+    _check(bool(s.ip.strip()) or not uses_simulation_server(s.mode), "search.ip",
+           "a simulated search needs a server address; set IP 127.0.0.1:6001")
+    if s.mode == "wiki":
+        _check(bool(s.corpus or s.retriever_url), "search.corpus",
+               "wiki search needs search.corpus=PATH.jsonl (`default`: the bundled 2WikiMultiHopQA corpus) or "
+               "search.retriever_url=http://host:port/retrieve")
+    _one_of(t.val_search, VAL_SEARCHES, "trainer.val_search")
+    if t.test_freq != 0 and t.val_search != "simulator" and s.engine == "wiki":
+        _check(bool(s.corpus or s.retriever_url), "search.corpus",
+               "validation searches SEARCH_ENGINE wiki, which needs search.corpus=PATH.jsonl (`default`: the bundled "
+               "2WikiMultiHopQA corpus) or search.retriever_url=http://host:port/retrieve; or set SEARCH_ENGINE google, "
+               "or trainer.test_freq=0 (no validation)")
+    if t.test_freq != 0 and t.val_search != "engine":
+        _check(uses_simulation_server(s.mode), "trainer.val_search",
+               f"'{t.val_search}' validates through the training simulator, but search.mode is '{s.mode}'; "
+               "use trainer.val_search=engine")
+
+
+def _validate_updates(cfg: Config) -> None:
+    """The actor's and the critic's optimisation: learning rates, warm-up, epochs, batch sizes, clipping."""
+    act = cfg.actor
+    _check(0 < act.lr < 1, "actor.lr", f"{act.lr} is not a usable learning rate; upstream uses 1e-6")
+    for key, ratio in (("actor.lr_warmup_steps_ratio", act.lr_warmup_steps_ratio),
+                       ("critic.lr_warmup_steps_ratio", cfg.critic.lr_warmup_steps_ratio)):
+        _check(0.0 <= ratio <= 1.0, key, f"{ratio} is a share of trainer.total_steps; use a value in [0, 1]")
+    _check(act.ppo_epochs >= 1 and act.ppo_mini_batch_size >= 1 and act.micro_batch_size >= 1, "actor",
+           "ppo_epochs, ppo_mini_batch_size and micro_batch_size must be >= 1")
+    c = cfg.critic
+    _check(c.ppo_epochs >= 1, "critic.ppo_epochs", f"{c.ppo_epochs} < 1; use 1 (as the actor)")
+    _check(c.grad_clip > 0 and c.weight_decay >= 0, "critic",
+           "grad_clip must be > 0 (1.0 as the actor) and weight_decay >= 0 (0.01 as the actor)")
+    for key, value in (("actor.clip_ratio_low", act.clip_ratio_low), ("actor.clip_ratio_high", act.clip_ratio_high)):
+        _check(value == -1 or 0 < value < 1, key, f"{value}: use a value in (0, 1), or -1 for actor.clip_ratio")
+    _check(act.dual_clip_c == 0 or act.dual_clip_c > 1, "actor.dual_clip_c", "must be 0 (off) or > 1")
+    _one_of(act.loss_agg_mode, LOSS_AGG_MODES, "actor.loss_agg_mode")
+
+
 def _validate_limits(cfg: Config) -> None:
     """Values that would hang or fail late: timeouts, memory sizes, addresses and paths."""
     s, r, t = cfg.search, cfg.rollout, cfg.trainer
@@ -523,7 +580,7 @@ def _validate_limits(cfg: Config) -> None:
         _check(math.isfinite(value) and (value >= 0 if zero_ok else value > 0), key,
                f"{value} GiB is not a memory size; give a finite number {'>= 0' if zero_ok else '> 0'}")
     _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be a share in (0, 1]")
-    if s.mode.startswith("simulate"):
+    if uses_simulation_server(s.mode):
         for entry in filter(None, (e.strip() for e in s.ip.split(","))):
             _check(_server_address_ok(entry), "search.ip",
                    f"'{entry}' is not host[:port] (or http://host:port/v1); give e.g. IP 127.0.0.1:6001, "

@@ -47,19 +47,38 @@ def start_search(cfg: Config, stack: ExitStack, log_dir: str | Path | None = Non
     the local simulation servers that are down (`search.server.start_simulation_servers`, stopped by `stack`)."""
     s = cfg.search
     mode = mode or s.mode
-    if mode.startswith("simulate"):
-        if start_servers:
-            start_simulation_servers(cfg, stack, log_dir)
+    if mode == "hybrid":  # the simulator, and the real engine for what it routes there
+        simulated = _simulated(cfg, stack, log_dir, "simulate_prompt", start_servers, s.hybrid_min_confidence > 0)
+        real = start_search(cfg, stack, log_dir, mode=s.engine)
         backend = build_search_backend(
-            mode, servers=s.ip, model=s.simulation_llm, topk=s.topk, temperature=s.temperature,
-            max_tokens=s.max_tokens, timeout_s=s.timeout_s, max_retries=s.max_retries, concurrency=s.concurrency,
+            "hybrid", simulated=simulated, real=real, real_share=s.hybrid_real_share,
+            min_confidence=s.hybrid_min_confidence, max_real_per_step=s.hybrid_max_real_per_step,
+            max_real_per_run=s.hybrid_max_real_per_run, seed=cfg.trainer.seed,
         )
+    elif mode == "simulate_self":  # the policy's engine writes the documents: no server
+        backend = build_search_backend(mode, topk=s.topk, temperature=s.temperature, max_tokens=s.max_tokens)
+    elif mode.startswith("simulate"):
+        return _simulated(cfg, stack, log_dir, mode, start_servers)
     elif mode == "wiki" and s.retriever_url:
         backend = build_search_backend("wiki", topk=s.topk, retriever_url=s.retriever_url, concurrency=s.concurrency)
     elif mode == "wiki":
         backend = build_search_backend("wiki", topk=s.topk, corpus=s.corpus)
     else:
         backend = build_search_backend(mode, topk=s.topk)
+    stack.callback(backend.close)
+    return backend
+
+
+def _simulated(cfg: Config, stack: ExitStack, log_dir, mode: str, start_servers: bool,
+               with_confidence: bool = False) -> SearchBackend:
+    s = cfg.search
+    if start_servers:
+        start_simulation_servers(cfg, stack, log_dir)
+    backend = build_search_backend(
+        mode, servers=s.ip, model=s.simulation_llm, topk=s.topk, temperature=s.temperature,
+        max_tokens=s.max_tokens, timeout_s=s.timeout_s, max_retries=s.max_retries, concurrency=s.concurrency,
+        with_confidence=with_confidence,
+    )
     stack.callback(backend.close)
     return backend
 
@@ -73,6 +92,10 @@ def describe_search(cfg: Config, mode: str) -> str:
         return f"wiki: BM25 over {Path(resolve_corpus(s.corpus)).name}"
     if mode == "google":
         return "google: SerpAPI"
+    if mode == "hybrid":
+        return f"hybrid: simulation LLM {s.simulation_llm}, and {describe_search(cfg, s.engine)} for routed queries"
+    if mode == "simulate_self":
+        return "simulate_self: the policy writes its own documents (it saw the gold answer)"
     return f"{mode}: simulation LLM {s.simulation_llm}, which saw the gold answer (useful documents)"
 
 

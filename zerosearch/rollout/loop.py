@@ -40,6 +40,7 @@ from zerosearch.rollout.self_search import SelfSimulation
 from zerosearch.rollout.trajectory import Trajectory
 from zerosearch.search import SearchBackend, SearchError, SearchRequest, SearchResult
 from zerosearch.search.http import HttpBackend
+from zerosearch.search.hybrid import HybridSearch
 
 logger = logging.getLogger("zerosearch.rollout")
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -183,6 +184,8 @@ class AgentLoop:
         All per-batch state lives in a `_Batch`, so the loop keeps nothing from one `run` to the next.
         """
         batch = _Batch(self._trajectories(samples, n), sampling, p_noisy, noise_seed, uid_offset, progress)
+        if isinstance(self.search, HybridSearch):
+            self.search.begin_step()  # its per-step budget of real queries is per batch
         start = time.perf_counter()
         for traj in batch.trajs:
             self._submit_turn(batch, traj)

@@ -109,6 +109,7 @@ class SimulationServer:
         start_timeout_s: float = 600.0,
         stop_grace_s: float = 30.0,
         gpu: bool | None = None,
+        quantization: str | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
         self.gpu = has_cuda() if gpu is None else gpu
@@ -133,6 +134,8 @@ class SimulationServer:
         self.log_dir = Path(log_dir) if log_dir else None
         self.start_timeout_s = start_timeout_s
         self.stop_grace_s = stop_grace_s
+        self.quantization = quantization or None
+        """Passed as `--quantization` to sglang / vLLM (awq, gptq, fp8, ... on GPU; see docs/simulator.md for CPU)."""
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path: Path | None = None
@@ -178,6 +181,8 @@ class SimulationServer:
                 cmd += ["--tensor-parallel-size", str(self.tp)]
             if self.dp > 1:
                 cmd += ["--data-parallel-size", str(self.dp)]
+        if self.quantization:  # the same flag in both engines
+            cmd += ["--quantization", self.quantization]
         return cmd + self.extra_args
 
     def _env(self) -> dict[str, str]:
@@ -376,7 +381,8 @@ def start_simulation_servers(cfg: Config, stack: ExitStack, log_dir: str | Path 
     engine = None if s.server_engine == "auto" else s.server_engine
     kv = {"kv_cache_gib": s.server_kv_cache_gib} if s.server_kv_cache_gib else {}
     for server in ensure_simulation_server(s.ip, s.simulation_llm, engine=engine, log_dir=log_dir,
-                                           start_timeout_s=s.server_startup_timeout_s, **kv):
+                                           start_timeout_s=s.server_startup_timeout_s,
+                                           quantization=s.server_quantization or None, **kv):
         stack.callback(server.stop)
         logger.info("simulation server %s up in %.1fs (pid %s)", server.url, server.startup_s, server.pid)
 
@@ -428,6 +434,8 @@ def add_serve_sim_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument("--max-model-len", type=int, default=None,
                         help=f"context length (default: the model's on GPU, {DEFAULT_CPU_MAX_MODEL_LEN} on CPU)")
     parser.add_argument("--dtype", default=None, help="weights dtype (default: bfloat16 on CPU, engine default on GPU)")
+    parser.add_argument("--quantization", default=None,
+                        help="quantisation method passed to sglang / vLLM (e.g. awq, gptq, fp8 on GPU; docs/simulator.md)")
     parser.add_argument("--kv-cache-gib", type=float, default=None,
                         help="CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE; default 2)")
     parser.add_argument("--log-dir", default=None, help="where the server log goes (default: a new temp dir)")
@@ -446,6 +454,7 @@ def serve_sim_main(args: argparse.Namespace) -> int:
             args.model, port=args.port, host=args.host, engine=args.engine, tp=args.tp, dp=args.dp,
             served_model_name=args.served_model_name, max_model_len=args.max_model_len, dtype=args.dtype,
             kv_cache_gib=args.kv_cache_gib, log_dir=args.log_dir, start_timeout_s=args.start_timeout,
+            quantization=args.quantization,
         )
     except (SearchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
