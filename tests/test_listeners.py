@@ -18,7 +18,7 @@ CORPUS = [{"id": str(i), "contents": f"Title {i}\nPassage {i} about towers and b
 
 
 def test_rendezvous_address_is_loopback_on_one_node() -> None:
-    from zerosearch.training.driver import _rendezvous_address
+    from zerosearch.training.group import _rendezvous_address
 
     host, port = _rendezvous_address(False)
     assert host == "127.0.0.1" and port > 0
@@ -28,7 +28,7 @@ def _rank(rank: int, store: str, queue) -> None:
     import psutil
     import torch
 
-    from zerosearch.training.workers import DistInfo, init_distributed
+    from zerosearch.training.distributed import DistInfo, init_distributed
 
     init_distributed(DistInfo(rank, 2, store=store), torch.device("cpu"))
     import torch.distributed as dist

@@ -19,9 +19,9 @@ import torch
 
 from zerosearch.config import load_config, save_config
 from zerosearch.training import checkpoint
+from zerosearch.training.optim import load_tensors, restore_optimizer, warmup_scheduler
 from zerosearch.training.rundir import RunDirError, RunLock, plan_run
 from zerosearch.training.tracking import Tracker, rewrite_metrics
-from zerosearch.training.workers import load_tensors, restore_optimizer, warmup_scheduler
 
 QA = [{"question": "What is the capital of France?", "answers": ["Paris"]},
       {"question": "Who wrote Hamlet?", "answers": ["Shakespeare"]}]
@@ -197,7 +197,8 @@ def test_a_crafted_checkpoint_cannot_run_code(tmp_path: Path) -> None:
 
 
 def test_saved_worker_state_loads_with_weights_only(tmp_path: Path) -> None:
-    from zerosearch.training.workers import DistInfo, load_rank_state, optimizer_state_to_local
+    from zerosearch.training.distributed import DistInfo
+    from zerosearch.training.optim import load_rank_state, optimizer_state_to_local
 
     net = torch.nn.Linear(3, 3)
     opt = torch.optim.AdamW(net.parameters(), lr=1e-3)

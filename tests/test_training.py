@@ -68,14 +68,14 @@ def overrides(workspace: Path, model: Path, name: str, **extra) -> list[str]:
 
 def _traj(prompt, resp, mask, group=0, uid=0, train_observations=False):
     return Trajectory(uid=uid, group=group, question="q", golden_answers=["a"], prompt_ids=prompt,
-                      response_ids=resp, loss_mask=mask, logprobs=[0.0] * len(resp),
+                      response_ids=resp, loss_mask=mask,
                       train_observations=train_observations)
 
 
 def _grads(model, trajs, advantages, mask_retrieved=True):
     from zerosearch.algos import actor_loss
     from zerosearch.training.batch import pad_to_grid
-    from zerosearch.training.workers import token_logprobs
+    from zerosearch.training.heads import token_logprobs
 
     model.zero_grad(set_to_none=True)
     for t in trajs:
@@ -114,7 +114,7 @@ def test_masked_tokens_leave_the_gradient_unchanged(tiny_model_dir):
 def test_log_probs_only_on_selected_tokens_match_a_full_forward(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from zerosearch.training.workers import token_logprobs
+    from zerosearch.training.heads import token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     trajs = [_traj([11, 12, 13], [21, 22, 23, 24], [1, 0, 1, 1]), _traj([11, 12, 13, 14, 15], [31, 32], [1, 1], uid=1)]
@@ -138,7 +138,7 @@ def test_log_probs_only_on_selected_tokens_match_a_full_forward(tiny_model_dir):
     (0.0, 3, [1.0] * 3),
 ])
 def test_lr_warmup_is_a_ratio_of_the_total_steps(ratio, total, expected):
-    from zerosearch.training.workers import warmup_scheduler
+    from zerosearch.training.optim import warmup_scheduler
 
     param = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=2.0)
@@ -165,6 +165,7 @@ def test_grpo_advantages_follow_groups_and_mask():
     trajs = [_traj([1], [5, 6, 7], [1, 0, 1], group=g, uid=i) for i, g in enumerate([0, 0, 1, 1])]
     reward = torch.tensor([1.0, 0.0, 0.5, 0.5])
     adv, _, _ = compute_advantages(cfg, trajs, reward, None, None, None)
+    adv = adv.tolist()  # [B, R]
     assert adv[0][0] > 0 > adv[1][0] and adv[2] == [0.0, 0.0, 0.0]
     assert adv[0][1] == 0.0  # the observation token gets no advantage
     assert adv[0][0] == pytest.approx(-adv[1][0])
@@ -211,7 +212,8 @@ def test_trainer_log_probs_and_entropy_are_at_the_sampling_temperature(tiny_mode
     """Rollouts sample from softmax(logits / T): the old, reference and updating log-probs and the entropy
     are taken from that distribution (verl divides the logits by T), not from the raw logits."""
     from zerosearch.training import workers
-    from zerosearch.training.workers import ReferenceWorker, logprob_temperature
+    from zerosearch.training.heads import logprob_temperature
+    from zerosearch.training.workers import ReferenceWorker
 
     T = 0.6
     actor = _trainer(tiny_model_dir, f"rollout.temperature={T}", "actor.entropy_coeff=0")
@@ -226,10 +228,12 @@ def test_trainer_log_probs_and_entropy_are_at_the_sampling_temperature(tiny_mode
         expected.append(torch.where(mask, (z / T).log_softmax(-1)[rows, t.response_ids], 0.0))
         at_one.append(torch.where(mask, z.log_softmax(-1)[rows, t.response_ids], 0.0))
     for worker in (actor, ref):
-        got = worker.compute_log_probs(trajs)
+        got = worker.compute_log_probs(trajs)  # [B, R]
+        assert got.shape == (len(trajs), max(len(t.response_ids) for t in trajs))
         for g, e, one in zip(got, expected, at_one):
-            torch.testing.assert_close(torch.tensor(g), e, atol=1e-5, rtol=1e-5)
-            assert (torch.tensor(g) - one).abs().max() > 0.01  # T = 1 would be another distribution
+            torch.testing.assert_close(g[: len(e)], e, atol=1e-5, rtol=1e-5)
+            assert (g[: len(e)] - one).abs().max() > 0.01  # T = 1 would be another distribution
+            assert not g[len(e):].any()  # 0 past the response
 
     seen = []  # the log-probs the update's loss sees
 
@@ -328,6 +332,7 @@ def test_advantages_follow_the_train_mask():
     for ablation in (False, True):
         trajs = [_traj([1], [5, 6, 7], [1, 0, 1], group=0, uid=i, train_observations=ablation) for i in range(2)]
         adv, _, m = compute_advantages(cfg, trajs, torch.tensor([1.0, 0.0]), None, None, None)
+        adv = adv.tolist()  # [B, R]
         assert (adv[0][1] != 0.0) == ablation  # the observation token has an advantage only in the ablation
         assert m["adv/mean_abs"] == pytest.approx(abs(adv[0][0]))
 
@@ -344,6 +349,7 @@ def test_kl_in_ppo_reward_honours_kl_type(kl_type):
     values = [[0.0] * 4, [0.0] * 2]
     reward = torch.tensor([1.0, 0.0])
     _, returns, m = compute_advantages(cfg, trajs, reward, values, ref, old)
+    returns = returns.tolist()  # [B, R]
     kl = [sum(float(kl_penalty(torch.tensor(o), torch.tensor(r), kl_type)) for o, r, keep in zip(os_, rs, t.loss_mask)
               if keep) for os_, rs, t in zip(old, ref, trajs)]
     # values 0, gamma = lam = 1: the return at the first token is the whole sequence's token reward
@@ -449,7 +455,7 @@ def test_resume_after_kill_continues_exactly(workspace, tiny_model_dir):
 def test_bf16_autocast_log_probs_stay_close_to_fp32(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from zerosearch.training.workers import token_logprobs
+    from zerosearch.training.heads import token_logprobs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     trajs = [_traj(list(range(10, 30)), list(range(40, 60)), [1] * 10 + [0] * 5 + [1] * 5)]
@@ -492,8 +498,10 @@ def test_summary_reports_heldout_reward_and_scores_before_and_after(tmp_path):
 def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
     """One rank: the real ActorRolloutWorker log-prob and update code on its share of four trajectories."""
     os.environ["ZEROSEARCH_TORCH_THREADS"] = "1"
-    from zerosearch.training.driver import split
-    from zerosearch.training.workers import ActorRolloutWorker, DistInfo, _ModelWorker, warmup_scheduler
+    from zerosearch.training.distributed import DistInfo
+    from zerosearch.training.group import split
+    from zerosearch.training.optim import warmup_scheduler
+    from zerosearch.training.workers import ActorRolloutWorker, _ModelWorker
 
     cfg = load_config("cpu", [f"model.path={model_dir}", "model.autocast_dtype=", "model.gradient_checkpointing=false",
                               "actor.ppo_mini_batch_size=4", "actor.micro_batch_size=8", "actor.micro_batch_tokens=16"])
@@ -508,11 +516,13 @@ def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -
              _traj([16, 17, 18, 19, 20, 21], [51, 52, 53, 54, 55, 56], [1, 1, 1, 1, 1, 1], group=1, uid=3)]
     advantages = [[1.0] * 2, [-1.0] * 2, [0.5] * 5, [-0.5] * 6]
     mine = split(4, world)[rank]
-    logprobs = worker.compute_log_probs(trajs[mine])
+    grid = worker.compute_log_probs(trajs[mine])  # [B, R]
+    logprobs = [row[: len(t.response_ids)].tolist() for row, t in zip(grid, trajs[mine])]
     metrics = worker.update(trajs[mine], advantages[mine], None, None, step=1)
     state = worker.full_state_dict()
     # the per-rank optimizer state survives a save/load round trip, and saving leaves the live state alone
-    from zerosearch.training.workers import full_tensor, load_optimizer_state, optimizer_state_to_local
+    from zerosearch.training.distributed import full_tensor
+    from zerosearch.training.optim import load_optimizer_state, optimizer_state_to_local
 
     saved = optimizer_state_to_local(worker.optimizer)
     fresh = torch.optim.AdamW(worker.net.parameters(), lr=1e-3)
@@ -679,7 +689,8 @@ def test_validation_metrics_are_named_by_what_was_searched(val_search, prefixes)
     """`val/...` through the real engine, `val_oracle/...` through the simulator (which saw the answer)."""
     from types import SimpleNamespace
 
-    from zerosearch.training.driver import WorkerGroup, validate
+    from zerosearch.training.driver import validate
+    from zerosearch.training.group import WorkerGroup
 
     calls = []
 

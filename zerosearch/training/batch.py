@@ -88,10 +88,27 @@ def micro_batches(lengths: list[int], max_tokens: int, max_size: int) -> list[li
     return batches
 
 
-def pad_to_grid(values: list[list[float]] | list[torch.Tensor], R: int) -> torch.Tensor:
-    """Per-trajectory lists of per-response-token values -> [B, R] (zero padded)."""
+def pad_to_grid(values: torch.Tensor | list[list[float]] | list[torch.Tensor], R: int) -> torch.Tensor:
+    """Per-response-token values -> float32 [B, R]: a [B, R'] tensor cut or zero-padded to R columns, or
+    per-trajectory lists zero-padded."""
+    if torch.is_tensor(values):
+        out = torch.zeros((values.shape[0], R), dtype=torch.float32)  # [B, R]
+        n = min(R, values.shape[1])
+        out[:, :n] = values[:, :n]
+        return out
     out = torch.zeros((len(values), R), dtype=torch.float32)
     for b, v in enumerate(values):
         v = torch.as_tensor(v, dtype=torch.float32)[:R]
         out[b, : len(v)] = v
     return out
+
+
+def response_len(trajs: list[Trajectory]) -> int:
+    """The longest response of `trajs`: the width of their per-token grids."""
+    return max((len(t.response_ids) for t in trajs), default=0)
+
+
+def stack_grids(grids: list[torch.Tensor]) -> torch.Tensor:
+    """Per-rank [B_r, R_r] grids -> one [sum B_r, max R_r] grid, in rank order (zero padded)."""
+    R = max(g.shape[1] for g in grids)
+    return torch.cat([pad_to_grid(g, R) for g in grids])  # [B, R]

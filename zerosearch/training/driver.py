@@ -2,6 +2,9 @@
 
     sample prompts -> rollout (multi-turn, p_noisy(step)) -> reward -> reference / old log-probs
     -> (values) -> advantages -> update (critic, actor) -> weight sync -> metrics, validation, checkpoint
+
+Ray and the worker groups are in `group`; the workers' maths in `workers`, `heads` and `zerosearch.algos`;
+the reward in `zerosearch.rewards`. Per-token quantities travel between them as [batch, response_len] tensors.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ from pathlib import Path
 
 import torch
 
-from zerosearch.algos import get_advantage_estimator, kl_penalty, outcome_to_token_rewards
+from zerosearch.algos import apply_kl_penalty, get_advantage_estimator, outcome_to_token_rewards
 from zerosearch.config import Config, ConfigError, save_config
 from zerosearch.curriculum import NoiseCurriculum
-from zerosearch.data import PromptSampler
-from zerosearch.rewards import retrieval_hit
+from zerosearch.data import PromptSampler, load_samples
+from zerosearch.rewards import answer_reward
 from zerosearch.rollout.copying import copy_metrics, split_metrics
-from zerosearch.rollout.factory import load_samples, start_simulation_servers
 from zerosearch.rollout.trajectory import Trajectory
+from zerosearch.search.server import start_simulation_servers
 from zerosearch.training import checkpoint, rundir
-from zerosearch.training.batch import pad_to_grid
+from zerosearch.training.batch import pad_to_grid, response_len, stack_grids
+from zerosearch.training.group import WorkerGroup, gpu_placement, split, start_group, start_ray, world_size
 from zerosearch.training.tracking import MemoryMonitor, PhaseTimer, Tracker
 
 logger = logging.getLogger("zerosearch.training")
@@ -45,195 +49,54 @@ def run_dir_for(cfg: Config) -> Path:
     return Path(cfg.trainer.output_dir) / run_name(cfg)
 
 
-# --- Ray ------------------------------------------------------------------------------------------
-
-
-def start_ray(cfg: Config, stack: ExitStack):
-    """Join `ray.address`, or start a local Ray with every listener on 127.0.0.1 (stopped by us)."""
-    if not cfg.ray.address:
-        # Read by Ray when it is first imported: a local Ray then uses the loopback address, and every
-        # listener (GCS, raylet, workers, object manager) binds 127.0.0.1 instead of all interfaces.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-        # Ray starts workers at nice 15; ours do the heavy work, so they should not yield to the simulator.
-        os.environ.setdefault("RAY_worker_niceness", "0")
-    import ray
-
-    if ray.is_initialized():
-        return ray
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address, log_to_driver=True)
-    else:
-        temp_dir = Path(f"/tmp/zs-ray-{os.getpid()}")
-        ray.init(
-            num_cpus=cfg.ray.num_cpus or os.cpu_count(),
-            num_gpus=cfg.trainer.n_gpus_per_node if torch.cuda.is_available() else 0,
-            include_dashboard=False,
-            object_store_memory=int(cfg.ray.object_store_gib * 2**30),
-            _temp_dir=str(temp_dir),
-            _node_ip_address="127.0.0.1",
-            log_to_driver=True,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
-        )
-        stack.callback(lambda: __import__("shutil").rmtree(temp_dir, ignore_errors=True))
-    stack.callback(ray.shutdown)
-    return ray
-
-
-def world_size(cfg: Config) -> int:
-    """Ranks per worker group: `trainer.world_size`, or one per GPU of the cluster (1 on CPU)."""
-    t = cfg.trainer
-    if t.world_size:
-        return t.world_size
-    if torch.cuda.is_available() and t.n_gpus_per_node > 0:
-        return t.n_gpus_per_node * t.nnodes
-    return 1
-
-
-class WorkerGroup:
-    """The ranks of one worker (actor, reference or critic) behind one handle.
-
-    `call` runs a method on every rank with the same arguments; `scatter` gives rank r the r-th
-    argument tuple; `concat` joins the per-rank lists of a `scatter` in rank order.
-    """
-
-    def __init__(self, ray, handles: list):
-        self.ray, self.handles = ray, handles
-
-    @property
-    def world(self) -> int:
-        return len(self.handles)
-
-    def call(self, method: str, *args) -> list:
-        return self.ray.get([getattr(h, method).remote(*args) for h in self.handles])
-
-    def scatter(self, method: str, per_rank: list[tuple]) -> list:
-        return self.ray.get([getattr(h, method).remote(*args) for h, args in zip(self.handles, per_rank)])
-
-    def concat(self, method: str, per_rank: list[tuple]) -> list:
-        return [item for part in self.scatter(method, per_rank) for item in part]
-
-
-def split(n: int, parts: int) -> list[slice]:
-    """`parts` contiguous slices of range(n), sizes differing by at most one."""
-    bounds = [n * r // parts for r in range(parts + 1)]
-    return [slice(bounds[r], bounds[r + 1]) for r in range(parts)]
-
-
-def _rendezvous_address(multi_node: bool) -> tuple[str, int]:
-    """Host and a free port for rank 0's store: this node's address only when ranks span nodes, else loopback."""
-    import socket
-
-    host = "" if multi_node else "127.0.0.1"
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        if not multi_node:
-            return "127.0.0.1", sock.getsockname()[1]
-        import ray
-
-        return ray.util.get_node_ip_address(), sock.getsockname()[1]
-
-
-def multi_node(cfg: Config) -> bool:
-    """Whether a worker group's ranks may sit on several nodes (`trainer.nnodes` > 1)."""
-    return cfg.trainer.nnodes > 1
-
-
-def start_group(ray, cls, cfg: Config, world: int, share: float, placement, *args) -> WorkerGroup:
-    """`world` ranks of `cls`; rank r runs in placement bundle r (its GPU) when there is a placement group.
-
-    `share` is the fraction of a GPU each rank takes: the actor, reference and critic ranks of one bundle
-    share its GPU, as veRL's colocated workers do.
-    """
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from zerosearch.training.workers import DistInfo
-
-    def where(rank: int) -> dict:
-        if placement is None:
-            return {}
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=rank)}
-
-    addr, port, store = "127.0.0.1", 0, ""
-    if world > 1 and multi_node(cfg):  # rank 0's node hosts the process group's TCP store
-        addr, port = ray.get(ray.remote(num_cpus=0)(_rendezvous_address).options(**where(0)).remote(True))
-    elif world > 1:  # one node: a file store, nothing listening on the network (see workers.init_distributed)
-        import tempfile
-        import uuid
-
-        store = os.path.join(tempfile.gettempdir(), f"zs-rdzv-{uuid.uuid4().hex}")
-    gpus = share if placement is not None else 0
-    # Fractional CPUs: the workers take turns, and each sets its own torch thread count.
-    remote_cls = ray.remote(num_cpus=0.1 if placement is None else 0.01, num_gpus=gpus, max_restarts=0)(cls)
-    return WorkerGroup(ray, [remote_cls.options(**where(r)).remote(cfg, *args, DistInfo(r, world, addr, port, store))
-                             for r in range(world)])
-
-
-def gpu_placement(ray, cfg: Config, world: int, stack: ExitStack):
-    """One bundle (1 GPU) per rank, packed onto as few nodes as possible; None on CPU."""
-    if not (torch.cuda.is_available() and cfg.trainer.n_gpus_per_node > 0):
-        return None
-    from ray.util.placement_group import placement_group, remove_placement_group
-
-    pg = placement_group([{"GPU": 1, "CPU": 1}] * world, strategy="PACK")
-    ray.get(pg.ready(), timeout=600)
-    stack.callback(remove_placement_group, pg)
-    return pg
-
-
 # --- phases -----------------------------------------------------------------------------------------
 
 
-def assess(trajs: list[Trajectory], template: str = "") -> tuple[list[dict], list[bool], list[bool]]:
-    """Per trajectory: its answer scores (`Trajectory.score`), whether a document the backend returned held a
-    gold answer, and whether its answer counts (given, and not a copy of the prompt's worked example)."""
+def assess(trajs: list[Trajectory], metric: str = "f1", format_score: float = 0.0, retrieval_score: float = 0.0,
+           template: str = "") -> list[dict]:
+    """Per trajectory, `rewards.answer_reward` of its answer: the shaped reward (`score`), F1, EM, and whether a
+    document the search backend returned held a gold answer (`retrieval_hit`). An answer that copies its
+    prompt's worked example (`template`'s `{example}`) is not valid: it earns neither floor."""
     from zerosearch.rollout.copying import copies_example
 
-    scores = [t.score() for t in trajs]
-    hits = [retrieval_hit(t.documents, t.golden_answers) for t in trajs]
-    valid = [t.answer is not None and not copies_example(t, template) for t in trajs]
-    return scores, hits, valid
+    return [answer_reward(t.answer, t.golden_answers, metric, documents=t.documents, format_score=format_score,
+                          retrieval_score=retrieval_score, valid=t.answer is not None and not copies_example(t, template))
+            for t in trajs]
 
 
 def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0, retrieval_score: float = 0.0,
-          template: str = "", assessed=None) -> tuple[torch.Tensor, dict[str, float]]:
-    """The reward of each trajectory: F1 or EM of its answer with Search-R1's shaping (`rewards.shaped_reward`):
-    an answered trajectory earns at least `format_score`, plus `retrieval_score` when a document the search
-    backend returned to it held a gold answer. An answer that copies its prompt's worked example (`template`'s
-    `{example}`) earns neither. `assessed`: `assess(trajs, template)` when the caller already has it."""
-    from zerosearch.rewards import shaped_reward
-
-    scores, hits, valid = assessed or assess(trajs, template)
-    reward = torch.tensor([shaped_reward(s[metric], ok, hit, format_score, retrieval_score)
-                           for s, ok, hit in zip(scores, valid, hits)], dtype=torch.float32)  # [B]
+          template: str = "", assessed: list[dict] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The reward of each trajectory [B] (F1 or EM of its answer with Search-R1's shaping, see `assess`) and the
+    batch's reward metrics. `assessed`: `assess(trajs, ...)` when the caller already has it."""
+    rows = assess(trajs, metric, format_score, retrieval_score, template) if assessed is None else assessed
+    reward = torch.tensor([row["score"] for row in rows], dtype=torch.float32)  # [B]
     n = max(len(trajs), 1)
     return reward, {
         "reward/mean": float(reward.mean()) if len(trajs) else 0.0,
-        "reward/f1": sum(s["f1"] for s in scores) / n,
-        "reward/em": sum(s["em"] for s in scores) / n,
-        "reward/retrieval_hit": sum(hits) / n,
+        "reward/f1": sum(row["f1"] for row in rows) / n,
+        "reward/em": sum(row["em"] for row in rows) / n,
+        "reward/retrieval_hit": sum(row["retrieval_hit"] for row in rows) / n,
     }
 
 
 def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tensor, values, ref_lp, old_lp):
     """Token rewards (outcome on the last loss-carrying token; PPO also -kl_coef*KL per token, estimated by
-    `algorithm.kl_type`) -> advantages, over each trajectory's `train_mask`."""
+    `algorithm.kl_type`) -> `(advantages [B, R], returns [B, R], metrics)`, over each trajectory's `train_mask`.
+
+    `values`, `ref_lp`, `old_lp`: [B, R'] grids or per-trajectory lists (or None)."""
     a = cfg.algorithm
-    R = max(len(t.response_ids) for t in trajs)
+    R = response_len(trajs)
     mask = pad_to_grid([t.train_mask for t in trajs], R)  # [B, R]
     token_rewards = outcome_to_token_rewards(reward, mask)  # [B, R]
     metrics = {}
     if a.use_kl_in_reward and ref_lp is not None and old_lp is not None:
-        kl = kl_penalty(pad_to_grid(old_lp, R), pad_to_grid(ref_lp, R), a.kl_type) * mask  # [B, R]
-        token_rewards = token_rewards - a.kl_coef * kl
-        metrics["reward/kl_penalty"] = float((kl.sum(-1)).mean())
+        token_rewards, metrics = apply_kl_penalty(token_rewards, pad_to_grid(old_lp, R), pad_to_grid(ref_lp, R), mask,
+                                                  a.kl_coef, a.kl_type)
     estimator = get_advantage_estimator(a.adv_estimator)
-    group_ids = [t.group for t in trajs]
     vals = pad_to_grid(values, R) if values is not None else None
-    adv, returns = estimator(token_rewards, mask, group_ids, vals, gamma=a.gamma, lam=a.lam)
-    lengths = [len(t.response_ids) for t in trajs]
+    adv, returns = estimator(token_rewards, mask, [t.group for t in trajs], vals, gamma=a.gamma, lam=a.lam)  # [B, R] x2
     metrics["adv/mean_abs"] = float((adv.abs() * mask).sum() / mask.sum().clamp(min=1))
-    return ([adv[b, :n].tolist() for b, n in enumerate(lengths)],
-            [returns[b, :n].tolist() for b, n in enumerate(lengths)], metrics)
+    return adv, returns, metrics
 
 
 def search_stats(actor: WorkerGroup) -> dict[str, float]:
@@ -290,16 +153,16 @@ def validate(actor: WorkerGroup, samples, step: int, cfg: Config, run_dir: str |
             continue
         trajs, m = rollout(actor, samples, 0.0, step, validate=True, oracle=oracle)
         a = cfg.algorithm
-        assessed = assess(trajs, cfg.data.prompt_template)
-        _, r = score(trajs, a.reward_metric, a.format_score, a.retrieval_score, assessed=assessed)
+        assessed = assess(trajs, a.reward_metric, a.format_score, a.retrieval_score, cfg.data.prompt_template)
+        _, r = score(trajs, a.reward_metric, assessed=assessed)
         out.update({f"{prefix}/reward": r["reward/mean"], f"{prefix}/f1": r["reward/f1"],
                     f"{prefix}/em": r["reward/em"], f"{prefix}/retrieval_hit": r["reward/retrieval_hit"],
                     f"{prefix}/answer_rate": m["rollout/answer_rate"],
                     f"{prefix}/searches_per_traj": m["rollout/searches_per_traj"]})
         out.update(copy_metrics(trajs, cfg.data.prompt_template, prefix=f"{prefix}_copy"))
-        out.update(split_metrics(trajs, assessed[0], assessed[1], prefix))
+        out.update(split_metrics(trajs, assessed, [row["retrieval_hit"] for row in assessed], prefix))
         if run_dir is not None:
-            write_rollouts(Path(run_dir) / "val_rollouts" / f"{prefix}_step_{step}.jsonl", trajs, assessed[0])
+            write_rollouts(Path(run_dir) / "val_rollouts" / f"{prefix}_step_{step}.jsonl", trajs, assessed)
     return out
 
 
@@ -313,7 +176,7 @@ def write_rollouts(path: Path, trajs: list[Trajectory], scores: list[dict] | Non
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-# --- the loop ---------------------------------------------------------------------------------------
+# --- launch -----------------------------------------------------------------------------------------
 
 
 def train(cfg: Config) -> dict:
@@ -408,90 +271,8 @@ def check_prompt_lengths(cfg: Config, *splits) -> None:
         bound = sum(len(m["content"].encode()) + overhead for m in messages)
         return bound if bound <= limit else len(encode_prompt(tokenizer, messages))
 
-    for split, samples in splits:
-        check(samples, count, limit, f"data.path={cfg.data.path} split {split!r}")
-
-
-def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, train_samples, val_samples) -> dict:
-    state = checkpoint.load_trainer_state(resume_ckpt) if resume_ckpt else {}
-    if state and state.get("world_size", 1) != world:
-        raise ConfigError(f"checkpoint {resume_ckpt} was saved by {state.get('world_size', 1)} rank(s) per worker, "
-                          f"this run has {world}: its optimizer state is sharded that way. Resume with "
-                          f"trainer.world_size={state.get('world_size', 1)} (or as many GPUs)")
-    start_step = state.get("step", 0)
-    save_config(cfg, run_dir)  # after every check: a refused launch leaves the run's config as it was
-    logger.info("run directory %s%s", run_dir, f" (resuming from {resume_ckpt})" if resume_ckpt else "")
-    t_start = time.time()  # the wall time reported includes the warm-start stage
-    cfg = warm_started(cfg, run_dir, val_samples)
-
-    sampler = PromptSampler(len(train_samples), cfg.data.train_batch_size, cfg.trainer.seed, cfg.data.shuffle)
-    s = cfg.search
-    curriculum = NoiseCurriculum(s.start_threshold, s.end_threshold, cfg.trainer.total_steps, s.curriculum_base)
-    if state:
-        sampler.load_state_dict(state["sampler"])
-        curriculum.load_state_dict(state["curriculum"])
-    history = state.get("history", {"val": []})
-
-    with ExitStack() as stack, MemoryMonitor() as memory:
-        ray = start_ray(cfg, stack)
-        worker_cfg = _worker_config(cfg, stack, run_dir)
-        from zerosearch.training.workers import ActorRolloutWorker, CriticWorker, ReferenceWorker
-
-        resume_arg = str(resume_ckpt) if resume_ckpt else None
-        need_ref = (cfg.algorithm.use_kl_loss or cfg.algorithm.use_kl_in_reward) and cfg.algorithm.kl_coef > 0
-        need_critic = cfg.algorithm.adv_estimator == "gae"
-        placement = gpu_placement(ray, cfg, world, stack)
-        share = 1.0 / (1 + need_ref + need_critic)
-        actor = start_group(ray, ActorRolloutWorker, worker_cfg, world, share, placement, resume_arg)
-        ref = start_group(ray, ReferenceWorker, worker_cfg, world, share, placement) if need_ref else None
-        critic = start_group(ray, CriticWorker, worker_cfg, world, share, placement, resume_arg) if need_critic else None
-        info = actor.call("info")[0]
-        logger.info("actor ready: %d rank(s) on %s (rollout engine started in %.1fs)", world, info["device"],
-                    info["engine_start_s"])
-
-        tracker = Tracker(run_dir, cfg.trainer.logger, _plain(cfg), cfg.trainer.project_name, run_dir.name, start_step)
-        stack.callback(tracker.close)
-        t = cfg.trainer
-        if start_step == 0 and t.val_before_train and t.test_freq != 0:
-            val = validate(actor, val_samples, 0, cfg, run_dir)
-            history["val"].append({"step": 0, **val})
-            tracker.log(0, val)
-            for prefix, searched in _validation_searches(cfg).items():
-                logger.info("validation before training (%s): F1 %.4f EM %.4f", searched, val[f"{prefix}/f1"],
-                            val[f"{prefix}/em"])
-        bar = tracker.progress(t.total_steps, start_step)
-        search_before = search_stats(actor)
-        for step in range(start_step + 1, t.total_steps + 1):
-            metrics = train_step(cfg, ray, actor, ref, critic, train_samples, sampler, curriculum, step, run_dir)
-            search_now = search_stats(actor)
-            metrics.update({f"{k}_step": search_now.get(k, 0) - search_before.get(k, 0) for k in
-                            ("search/queries", "search/prompt_tokens", "search/completion_tokens",
-                             "search/errors", "search/retries")})
-            metrics.update({f"{k}_total": v for k, v in search_now.items()
-                            if k in ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
-            search_before = search_now
-            if (t.test_freq > 0 and step % t.test_freq == 0) or (step == t.total_steps and t.test_freq != 0):
-                val = validate(actor, val_samples, step, cfg, run_dir)
-                history["val"].append({"step": step, **val})
-                metrics.update(val)
-            metrics["memory/peak_rss_gib"] = memory.peak_gib
-            tracker.log(step, metrics)
-            if bar is not None:
-                bar.update(1)
-            if (t.save_freq > 0 and step % t.save_freq == 0) or (step == t.total_steps and t.final_checkpoint):
-                wall_so_far = time.time() - t_start + state.get("wall_s", 0.0)
-                save_checkpoint(ray, cfg, run_dir, actor, critic, sampler, curriculum, step, history, wall_so_far)
-        total_queries = search_stats(actor).get("search/queries", 0.0)
-        for group in (actor, ref, critic):
-            if group is not None:
-                group.call("close")
-    wall = time.time() - t_start + state.get("wall_s", 0.0)
-    from zerosearch.training.summary import write_summary
-
-    searched = _validation_searches(cfg)
-    return write_summary(run_dir, history, steps=cfg.trainer.total_steps, wall_s=wall, peak_rss_gib=memory.peak_gib,
-                         simulated_queries=total_queries if cfg.search.mode.startswith("simulate") else 0.0,
-                         heldout_search=searched.get("val"), oracle_search=searched.get("val_oracle"))
+    for name, samples in splits:
+        check(samples, count, limit, f"data.path={cfg.data.path} split {name!r}")
 
 
 def _validation_searches(cfg: Config) -> dict[str, str]:
@@ -524,17 +305,192 @@ def _check_validation_engine(cfg: Config) -> None:
                          "trainer.test_freq=0")
 
 
-def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculum, step: int,
-               run_dir: Path | None = None) -> dict[str, float]:
+# --- the run ----------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Workers:
+    """A run's worker groups: the actor (with its rollout engines), and the reference and the critic when the
+    algorithm uses them."""
+
+    ray: object
+    actor: WorkerGroup
+    ref: WorkerGroup | None
+    critic: WorkerGroup | None
+
+    def close(self) -> None:
+        for group in (self.actor, self.ref, self.critic):
+            if group is not None:
+                group.call("close")
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    """What the loop works with: the config, the run directory, the workers, the data and its schedules, and
+    the run's validation history, logger, memory monitor and clock."""
+
+    cfg: Config
+    run_dir: Path
+    workers: Workers
+    train_samples: list
+    val_samples: list
+    sampler: PromptSampler
+    curriculum: NoiseCurriculum
+    history: dict
+    tracker: Tracker
+    memory: MemoryMonitor
+    t_start: float
+    wall_before: float
+    """Seconds the run had trained before this launch (a resumed run)."""
+
+    def wall_s(self) -> float:
+        return time.time() - self.t_start + self.wall_before
+
+
+def _resume_state(resume_ckpt: Path | None, world: int) -> dict:
+    """The trainer state of the checkpoint to resume ({} for a fresh start), which must have `world` ranks."""
+    state = checkpoint.load_trainer_state(resume_ckpt) if resume_ckpt else {}
+    if state and state.get("world_size", 1) != world:
+        raise ConfigError(f"checkpoint {resume_ckpt} was saved by {state.get('world_size', 1)} rank(s) per worker, "
+                          f"this run has {world}: its optimizer state is sharded that way. Resume with "
+                          f"trainer.world_size={state.get('world_size', 1)} (or as many GPUs)")
+    return state
+
+
+def _schedules(cfg: Config, n_train: int, state: dict) -> tuple[PromptSampler, NoiseCurriculum]:
+    """The prompt order and the noise curriculum, where a resumed run left them."""
+    sampler = PromptSampler(n_train, cfg.data.train_batch_size, cfg.trainer.seed, cfg.data.shuffle)
+    s = cfg.search
+    curriculum = NoiseCurriculum(s.start_threshold, s.end_threshold, cfg.trainer.total_steps, s.curriculum_base)
+    if state:
+        sampler.load_state_dict(state["sampler"])
+        curriculum.load_state_dict(state["curriculum"])
+    return sampler, curriculum
+
+
+def start_workers(cfg: Config, stack: ExitStack, run_dir: Path, world: int, resume_ckpt: Path | None) -> Workers:
+    """Ray, any local simulation servers, and `world` ranks of each worker the algorithm needs."""
+    ray = start_ray(cfg, stack)
+    worker_cfg = _worker_config(cfg, stack, run_dir)
+    from zerosearch.training.workers import ActorRolloutWorker, CriticWorker, ReferenceWorker
+
+    resume_arg = str(resume_ckpt) if resume_ckpt else None
+    need_ref = (cfg.algorithm.use_kl_loss or cfg.algorithm.use_kl_in_reward) and cfg.algorithm.kl_coef > 0
+    need_critic = cfg.algorithm.adv_estimator == "gae"
+    placement = gpu_placement(ray, cfg, world, stack)
+    share = 1.0 / (1 + need_ref + need_critic)
+    actor = start_group(ray, ActorRolloutWorker, worker_cfg, world, share, placement, resume_arg)
+    ref = start_group(ray, ReferenceWorker, worker_cfg, world, share, placement) if need_ref else None
+    critic = start_group(ray, CriticWorker, worker_cfg, world, share, placement, resume_arg) if need_critic else None
+    info = actor.call("info")[0]
+    logger.info("actor ready: %d rank(s) on %s (rollout engine started in %.1fs)", world, info["device"],
+                info["engine_start_s"])
+    return Workers(ray, actor, ref, critic)
+
+
+def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, train_samples, val_samples) -> dict:
+    state = _resume_state(resume_ckpt, world)
+    start_step = state.get("step", 0)
+    save_config(cfg, run_dir)  # after every check: a refused launch leaves the run's config as it was
+    logger.info("run directory %s%s", run_dir, f" (resuming from {resume_ckpt})" if resume_ckpt else "")
+    t_start = time.time()  # the wall time reported includes the warm-start stage
+    cfg = warm_started(cfg, run_dir, val_samples)
+    sampler, curriculum = _schedules(cfg, len(train_samples), state)
+    with ExitStack() as stack, MemoryMonitor() as memory:
+        workers = start_workers(cfg, stack, run_dir, world, resume_ckpt)
+        tracker = Tracker(run_dir, cfg.trainer.logger, _plain(cfg), cfg.trainer.project_name, run_dir.name, start_step)
+        stack.callback(tracker.close)
+        run = TrainingRun(cfg, run_dir, workers, train_samples, val_samples, sampler, curriculum,
+                          state.get("history", {"val": []}), tracker, memory, t_start, state.get("wall_s", 0.0))
+        if start_step == 0:
+            _validate_before_training(run)
+        _train_steps(run, start_step)
+        total_queries = search_stats(workers.actor).get("search/queries", 0.0)
+        workers.close()
+    return _summarise(run, total_queries)
+
+
+def _validate_before_training(run: TrainingRun) -> None:
+    """Step 0's validation (`trainer.val_before_train`): the policy before any update."""
+    cfg, t = run.cfg, run.cfg.trainer
+    if not (t.val_before_train and t.test_freq != 0):
+        return
+    val = validate(run.workers.actor, run.val_samples, 0, cfg, run.run_dir)
+    run.history["val"].append({"step": 0, **val})
+    run.tracker.log(0, val)
+    for prefix, searched in _validation_searches(cfg).items():
+        logger.info("validation before training (%s): F1 %.4f EM %.4f", searched, val[f"{prefix}/f1"],
+                    val[f"{prefix}/em"])
+
+
+def _train_steps(run: TrainingRun, start_step: int) -> None:
+    """Steps `start_step + 1` .. `trainer.total_steps`: train, count the searches, validate and checkpoint when
+    due, log."""
+    t = run.cfg.trainer
+    bar = run.tracker.progress(t.total_steps, start_step)
+    search_before = search_stats(run.workers.actor)
+    for step in range(start_step + 1, t.total_steps + 1):
+        metrics = train_step(run, step)
+        search_now = search_stats(run.workers.actor)
+        metrics.update(_search_metrics(search_before, search_now))
+        search_before = search_now
+        if (t.test_freq > 0 and step % t.test_freq == 0) or (step == t.total_steps and t.test_freq != 0):
+            val = validate(run.workers.actor, run.val_samples, step, run.cfg, run.run_dir)
+            run.history["val"].append({"step": step, **val})
+            metrics.update(val)
+        metrics["memory/peak_rss_gib"] = run.memory.peak_gib
+        run.tracker.log(step, metrics)
+        if bar is not None:
+            bar.update(1)
+        if (t.save_freq > 0 and step % t.save_freq == 0) or (step == t.total_steps and t.final_checkpoint):
+            save_checkpoint(run, step)
+
+
+def _search_metrics(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+    """The step's search counts (`..._step`) and the run's totals so far (`..._total`)."""
+    out = {f"{k}_step": now.get(k, 0) - before.get(k, 0) for k in
+           ("search/queries", "search/prompt_tokens", "search/completion_tokens", "search/errors", "search/retries")}
+    out.update({f"{k}_total": v for k, v in now.items()
+                if k in ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
+    return out
+
+
+def _summarise(run: TrainingRun, total_queries: float) -> dict:
+    from zerosearch.training.summary import write_summary
+
+    cfg = run.cfg
+    searched = _validation_searches(cfg)
+    return write_summary(run.run_dir, run.history, steps=cfg.trainer.total_steps, wall_s=run.wall_s(),
+                         peak_rss_gib=run.memory.peak_gib,
+                         simulated_queries=total_queries if cfg.search.mode.startswith("simulate") else 0.0,
+                         heldout_search=searched.get("val"), oracle_search=searched.get("val_oracle"))
+
+
+# --- one step ---------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TokenGrids:
+    """One step's per-token [B, R] tensors, in trajectory order (None where the algorithm has no use for one)."""
+
+    ref_lp: torch.Tensor | None = None
+    old_lp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+def train_step(run: TrainingRun, step: int) -> dict[str, float]:
+    cfg, workers = run.cfg, run.workers
     timer = PhaseTimer()
     t0 = time.perf_counter()
     # Upstream's index (global_steps starts at 1): step k = 1..T trains with p_noisy(k / T), so the last step
     # trains at END_THRESHOLD. The checkpoint after step k saves step k; a resumed run goes on at k + 1.
-    curriculum.step = step
-    p_noisy = curriculum.probability()
-    batch = [samples[i] for i in sampler.next_batch()]
+    run.curriculum.step = step
+    p_noisy = run.curriculum.probability()
+    batch = [run.train_samples[i] for i in run.sampler.next_batch()]
     with timer("gen"):
-        trajs, metrics = rollout(actor, batch, p_noisy, step)
+        trajs, metrics = rollout(workers.actor, batch, p_noisy, step)
     for t in trajs:  # decided once: actor, critic, advantages and metrics all read `t.train_mask`
         t.train_observations = not cfg.algorithm.mask_retrieved_tokens
     with timer("reward"):
@@ -542,50 +498,83 @@ def train_step(cfg: Config, ray, actor, ref, critic, samples, sampler, curriculu
         reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score,
                                        cfg.data.prompt_template)
     if cfg.trainer.dump_rollouts:
-        dump_rollouts((run_dir or run_dir_for(cfg)) / "rollouts" / f"step_{step}.jsonl", trajs, reward)
-    shards = split(len(trajs), actor.world)  # equal shares: train() checks that B divides
-    parts = [(ray.put(trajs[sl]),) for sl in shards]  # each rank's share, sent once per step
-
-    def per_rank(*lists):  # rank r's share of each per-trajectory list (None stays None)
-        return [tuple(x[sl] if x is not None else None for x in lists) for sl in shards]
-
-    a = cfg.actor
-    on_policy = a.ppo_epochs == 1 and a.ppo_mini_batch_size >= len(trajs)
-    with timer("ref"):
-        ref_lp = ref.concat("compute_log_probs", parts) if ref is not None else None
-    old_lp = None
-    if not on_policy or cfg.algorithm.use_kl_in_reward:
-        with timer("old_log_prob"):
-            old_lp = actor.concat("compute_log_probs", parts)
-    values = None
-    if critic is not None:
-        with timer("values"):
-            values = critic.concat("compute_values", parts)
+        dump_rollouts(run.run_dir / "rollouts" / f"step_{step}.jsonl", trajs, reward)
+    shards = split(len(trajs), workers.actor.world)  # equal shares: train() checks that B divides
+    parts = [(workers.ray.put(trajs[sl]),) for sl in shards]  # each rank's share, sent once per step
+    grids = per_token_inputs(cfg, workers, parts, len(trajs), timer)
     with timer("adv"):
-        advantages, returns, adv_metrics = compute_advantages(cfg, trajs, reward, values, ref_lp, old_lp)
-    if critic is not None:
-        with timer("update_critic"):
-            metrics.update(_mean(critic.scatter("update", [p + q for p, q in zip(parts, per_rank(returns, values))])))
-    with timer("update_actor"):
-        kl_ref = ref_lp if cfg.algorithm.use_kl_loss else None
-        metrics.update(_mean(actor.scatter("update", [p + q + (step,) for p, q in
-                                                      zip(parts, per_rank(advantages, kl_ref, old_lp))])))
+        grids.advantages, grids.returns, adv_metrics = compute_advantages(cfg, trajs, reward, grids.values,
+                                                                          grids.ref_lp, grids.old_lp)
+    metrics.update(update(cfg, workers, parts, shards, grids, step, timer))
     with timer("sync"):
-        metrics["timing/weight_push_s"] = max(actor.call("sync_weights"))
+        metrics["timing/weight_push_s"] = max(workers.actor.call("sync_weights"))
     step_s = time.perf_counter() - t0
     metrics.update(reward_metrics)
     metrics.update(copy_metrics(trajs, cfg.data.prompt_template))
     metrics.update(adv_metrics)
     metrics.update(timer.pop())
     tokens = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajs)
-    metrics.update(curriculum.metrics() | sampler.metrics())  # p_noisy of this step; data/epoch, epoch progress
+    metrics.update(run.curriculum.metrics() | run.sampler.metrics())  # p_noisy of this step; data/epoch, progress
     metrics.update({"timing/step_s": step_s, "perf/tokens_per_s": tokens / step_s,
                     "perf/sync_share": metrics["timing/sync_s"] / step_s})
     return metrics
 
 
+def _gather(group: WorkerGroup, method: str, parts: list[tuple]) -> torch.Tensor:
+    """Every rank's [B_r, R_r] grid for its share, as one [B, R] grid in trajectory order."""
+    return stack_grids(group.scatter(method, parts))
+
+
+def per_token_inputs(cfg: Config, workers: Workers, parts: list[tuple], n: int, timer: PhaseTimer) -> TokenGrids:
+    """The reference log-probs (for a KL), the old log-probs (off-policy updates, or PPO's KL in the reward) and
+    the critic's values, each as one [B, R] grid."""
+    grids = TokenGrids()
+    a = cfg.actor
+    on_policy = a.ppo_epochs == 1 and a.ppo_mini_batch_size >= n
+    with timer("ref"):
+        grids.ref_lp = _gather(workers.ref, "compute_log_probs", parts) if workers.ref is not None else None
+    if not on_policy or cfg.algorithm.use_kl_in_reward:
+        with timer("old_log_prob"):
+            grids.old_lp = _gather(workers.actor, "compute_log_probs", parts)
+    if workers.critic is not None:
+        with timer("values"):
+            grids.values = _gather(workers.critic, "compute_values", parts)
+    return grids
+
+
+def update(cfg: Config, workers: Workers, parts: list[tuple], shards: list[slice], grids: TokenGrids, step: int,
+           timer: PhaseTimer) -> dict[str, float]:
+    """The critic's update, then the actor's; each rank gets its share of the grids. Metrics: means over ranks."""
+
+    def per_rank(*tensors):  # rank r's rows of each grid (None stays None)
+        return [tuple(x[sl].clone() if x is not None else None for x in tensors) for sl in shards]
+
+    metrics: dict[str, float] = {}
+    if workers.critic is not None:
+        with timer("update_critic"):
+            args = [p + q for p, q in zip(parts, per_rank(grids.returns, grids.values))]
+            metrics.update(_mean(workers.critic.scatter("update", args)))
+    with timer("update_actor"):
+        kl_ref = grids.ref_lp if cfg.algorithm.use_kl_loss else None
+        args = [p + q + (step,) for p, q in zip(parts, per_rank(grids.advantages, kl_ref, grids.old_lp))]
+        metrics.update(_mean(workers.actor.scatter("update", args)))
+    return metrics
+
+
 def _mean(per_rank: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
+
+
+def save_checkpoint(run: TrainingRun, step: int) -> Path:
+    workers, cfg = run.workers, run.cfg
+    tmp = checkpoint.begin(run.run_dir, step)
+    workers.actor.call("save", str(tmp))
+    if workers.critic is not None:
+        workers.critic.call("save", str(tmp))
+    state = {"step": step, "world_size": workers.actor.world, "sampler": run.sampler.state_dict(),
+             "curriculum": run.curriculum.state_dict(), "history": run.history, "wall_s": run.wall_s(),
+             "saved_at": datetime.now().isoformat(timespec="seconds")}
+    return checkpoint.commit(run.run_dir, tmp, step, state, cfg.trainer.keep_last)
 
 
 def dump_rollouts(path: Path, trajs: list[Trajectory], reward: torch.Tensor) -> None:
@@ -596,16 +585,6 @@ def dump_rollouts(path: Path, trajs: list[Trajectory], reward: torch.Tensor) -> 
                                 "response_text": t.response_text, "answer": t.answer, "reward": r,
                                 "queries": t.queries, "noisy_flags": t.noisy_flags, "documents": t.documents,
                                 "finish_reason": t.finish_reason}, ensure_ascii=False) + "\n" for t, r in zip(trajs, reward.tolist()))
-
-
-def save_checkpoint(ray, cfg, run_dir, actor, critic, sampler, curriculum, step, history, wall_s) -> Path:
-    tmp = checkpoint.begin(run_dir, step)
-    actor.call("save", str(tmp))
-    if critic is not None:
-        critic.call("save", str(tmp))
-    state = {"step": step, "world_size": actor.world, "sampler": sampler.state_dict(), "curriculum": curriculum.state_dict(),
-             "history": history, "wall_s": wall_s, "saved_at": datetime.now().isoformat(timespec="seconds")}
-    return checkpoint.commit(run_dir, tmp, step, state, cfg.trainer.keep_last)
 
 
 def _worker_config(cfg: Config, stack: ExitStack, run_dir: Path) -> Config:

@@ -1,0 +1,104 @@
+"""The token heads: log-probs (and entropies) or values at the selected response tokens only.
+
+Only the hidden states at the positions that predict loss-carrying tokens go through the vocabulary (or value)
+head, never the whole sequence; the results are scattered back onto the [batch, response_len] grid.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from zerosearch.algos import entropy_from_logits
+from zerosearch.config import Config
+from zerosearch.training.batch import Batch
+
+
+class _Selected(torch.nn.Module):
+    """The causal LM's transformer as one module whose forward returns the hidden states [N, H] at the
+    positions predicting selected response tokens. Being the FSDP root, its forward also gathers the
+    embeddings and the tied vocabulary head, so gradients through them are reduced like the rest."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def hidden(self, input_ids, attention_mask, b_idx, pos, autocast: torch.dtype | None) -> torch.Tensor:
+        with torch.autocast(input_ids.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state[b_idx, pos].float()  # [N, H]
+
+
+class TokenLogProbs(_Selected):
+    """forward -> (log-probs [N], entropies [N] or None) of the target tokens under `softmax(logits / T)`.
+
+    T is the temperature the rollout sampled at, so the PPO ratio and the KL compare the distribution that
+    produced the samples (verl divides the logits the same way). The vocabulary head always runs in fp32,
+    so log-probs keep full precision under autocast; only the N selected positions ever produce logits.
+    The entropy has a gradient only with `entropy_grad` (an entropy bonus); as a metric it is detached."""
+
+    def forward(self, input_ids, attention_mask, b_idx, pos, targets, with_entropy: bool = False,
+                autocast: torch.dtype | None = None, temperature: float = 1.0, entropy_grad: bool = False):
+        h = self.hidden(input_ids, attention_mask, b_idx, pos, autocast)  # [N, H]
+        head = self.lm.get_output_embeddings()
+        logits = torch.nn.functional.linear(h, head.weight.float(), None if head.bias is None else head.bias.float())  # [N, V]
+        if temperature != 1.0:
+            logits = logits.div_(temperature)  # in place: the head's backward does not need its output
+        lp = logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # [N]
+        entropy = entropy_from_logits(logits if entropy_grad else logits.detach()) if with_entropy else None  # [N]
+        return lp, entropy
+
+
+class TokenValues(_Selected):
+    """PPO's value model: the policy's transformer with a scalar head; forward -> values [N]."""
+
+    def __init__(self, lm):
+        super().__init__(lm)
+        self.value_head = torch.nn.Linear(lm.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask, b_idx, pos, autocast: torch.dtype | None = None):
+        return self.value_head(self.hidden(input_ids, attention_mask, b_idx, pos, autocast)).squeeze(-1)  # [N]
+
+
+def logprob_temperature(cfg: Config) -> float:
+    """The temperature of the trainer's log-probs and entropies: the training rollouts' (`rollout.temperature`),
+    1 for greedy rollouts (temperature 0), whose distribution is a point mass."""
+    return cfg.rollout.temperature or 1.0
+
+
+def selected_inputs(batch: Batch, select: torch.Tensor, device) -> tuple:
+    """The heads' inputs for the tokens `select` [B, R] marks: (input_ids, attention_mask, b_idx, pos) on `device`,
+    and where those tokens sit on the grid, (b_idx [N], r_idx [N])."""
+    b_idx, r_idx = select.nonzero(as_tuple=True)  # [N], [N]
+    pos = batch.predict_positions[b_idx, r_idx]  # [N]
+    args = (batch.input_ids.to(device), batch.attention_mask.to(device), b_idx.to(device), pos.to(device))
+    return args, (b_idx.to(device), r_idx.to(device))
+
+
+def to_grid(values: torch.Tensor, where: tuple, shape, device) -> torch.Tensor:
+    """Values [N] of the selected tokens scattered onto a zero [B, R] grid."""
+    return torch.zeros(shape, dtype=torch.float32, device=device).index_put(where, values.float())  # [B, R]
+
+
+def token_logprobs(net, batch: Batch, select: torch.Tensor, device, with_entropy: bool = False,
+                   autocast: torch.dtype | None = None, temperature: float = 1.0, entropy_grad: bool = False):
+    """Log-probs (and entropies) of the selected response tokens at `temperature`, on the [B, R] grid (0
+    elsewhere).
+
+    `net`: a TokenLogProbs, or a plain causal LM (wrapped here)."""
+    if not isinstance(net, TokenLogProbs):
+        net = TokenLogProbs(net)
+    args, where = selected_inputs(batch, select, device)
+    targets = batch.response_ids[where[0].cpu(), where[1].cpu()].to(device)  # [N]
+    lp, ent = net(*args, targets, with_entropy=with_entropy, autocast=autocast, temperature=temperature,
+                  entropy_grad=entropy_grad)
+    entropy = to_grid(ent, where, select.shape, device) if ent is not None else None
+    return to_grid(lp, where, select.shape, device), entropy
+
+
+def token_values(net: TokenValues, batch: Batch, select: torch.Tensor, device,
+                 autocast: torch.dtype | None = None) -> torch.Tensor:
+    """The value model's values of the selected response tokens, on the [B, R] grid (0 elsewhere)."""
+    args, where = selected_inputs(batch, select, device)
+    return to_grid(net(*args, autocast=autocast), where, select.shape, device)  # [B, R]
