@@ -9,6 +9,7 @@ from zerosearch.algos import (
     actor_loss,
     advantage_estimators,
     agg_loss,
+    apply_kl_penalty,
     discounted_returns,
     entropy_from_logits,
     gae,
@@ -412,6 +413,17 @@ def test_upstream_bug_kl_penalty_is_added_not_subtracted(kind):
     stepped = log_prob - 0.1 * lp.grad
     assert torch.all((stepped - ref).abs() < (log_prob - ref).abs())
     assert metrics["kl_loss"] > 0
+
+
+def test_kl_in_the_reward_subtracts_the_masked_estimate():
+    rewards = torch.tensor([[0.0, 0.0, 1.0]])
+    log_prob, ref = torch.tensor([[-1.0, -2.0, -0.5]]), torch.tensor([[-1.5, 0.0, -0.5]])
+    mask = torch.tensor([[1.0, 0.0, 1.0]])  # the retrieved token's KL is not charged
+    out, metrics = apply_kl_penalty(rewards, log_prob, ref, mask, kl_coef=0.5, kind="k1")
+    assert out[0].tolist() == pytest.approx([-0.25, 0.0, 1.0])
+    assert metrics["reward/kl_penalty"] == pytest.approx(0.5)
+    k3, _ = apply_kl_penalty(rewards, log_prob, ref, mask, kl_coef=1.0, kind="low_var_kl")
+    torch.testing.assert_close(k3, rewards - kl_penalty(log_prob, ref, "low_var_kl") * mask)
 
 
 # --- entropy ------------------------------------------------------------------------------------

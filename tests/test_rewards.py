@@ -4,6 +4,7 @@ import pytest
 
 from zerosearch.rewards import (
     REWARD_METRICS,
+    answer_reward,
     compute_score,
     exact_match,
     extract_answer,
@@ -127,6 +128,18 @@ def test_compute_score_unknown_metric_lists_choices():
     assert REWARD_METRICS == ("f1", "em")
     with pytest.raises(ValueError, match="f1, em"):
         compute_score("<answer>x</answer>", ["x"], metric="accuracy")
+
+
+def test_answer_reward_shapes_the_metric_and_compute_score_is_it_on_a_response():
+    doc = "Doc 1: Paris is the capital of France."
+    shaping = {"format_score": 0.1, "retrieval_score": 0.1}
+    wrong = answer_reward("Lyon", ["Paris"], "f1", documents=[doc], **shaping)
+    assert wrong["score"] == pytest.approx(0.2) and wrong["retrieval_hit"] is True and wrong["f1"] == 0.0
+    assert answer_reward("Lyon", ["Paris"], "f1", documents=[doc], valid=False, **shaping)["score"] == 0.0  # a copy
+    assert answer_reward(None, ["Paris"], "f1", documents=[doc], **shaping)["score"] == 0.0  # no answer, no floor
+    assert answer_reward("Paris", ["Paris"], "em", **shaping)["score"] == 1.0  # a right answer beats the floors
+    assert compute_score("<answer>Lyon</answer>", ["Paris"], **shaping)["score"] == pytest.approx(0.1)
+    assert compute_score("<answer>Lyon</answer>", ["Paris"])["score"] == 0.0  # unshaped: the plain metric
 
 
 # --- upstream bugs, pinned ----------------------------------------------------------------------
