@@ -6,11 +6,13 @@ the end-to-end rollout in test_rollout_e2e.py), so every branch of the loop is r
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
 import pytest
 
+from zerosearch.config import RolloutConfig
 from zerosearch.data import build_prompt
 from zerosearch.data.qa import QASample
 from zerosearch.rollout.engines import Generation, SamplingSpec
@@ -116,9 +118,16 @@ def sample(i, question="What is the capital of France?", answers=("Paris",)):
                     index=i, extra_info={})
 
 
+def loop_settings(**settings) -> LoopSettings:
+    """LoopSettings from flat keywords: the rollout section's fields go to its RolloutConfig."""
+    rollout_keys = {f.name for f in dataclasses.fields(RolloutConfig)}
+    rollout = RolloutConfig(**{k: v for k, v in settings.items() if k in rollout_keys})
+    return LoopSettings(rollout=rollout, **{k: v for k, v in settings.items() if k not in rollout_keys})
+
+
 def make_loop(tokenizer, scripts, search=None, per_poll=1, **settings):
     engine = ScriptedEngine(tokenizer, scripts, per_poll)
-    loop = AgentLoop(engine, search or RecordingSearch(), tokenizer, LoopSettings(**settings))
+    loop = AgentLoop(engine, search or RecordingSearch(), tokenizer, loop_settings(**settings))
     return loop, engine
 
 
@@ -236,7 +245,7 @@ def test_the_relevance_gate_sends_noisy_documents_to_an_off_topic_query(smollm2_
     off_topic = ["<search>Your question</search>", "<answer>Paris</answer>"]
     search = RecordingSearch()
     loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER, off_topic], search=search, min_query_overlap=0.5)
-    trajs, stats = run(loop, engine, [sample(0), sample(1)])
+    trajs, _ = run(loop, engine, [sample(0), sample(1)])
     noisy = {r.query: r.noisy for r in search.requests}
     assert noisy == {"capital of France": False, "Your question": True}
     assert [t.off_topic for t in trajs] == [0, 1] and [t.noisy_flags for t in trajs] == [[False], [True]]

@@ -17,16 +17,11 @@ from zerosearch.search.server import start_simulation_servers
 
 
 def loop_settings(cfg: Config) -> LoopSettings:
-    r = cfg.rollout
     return LoopSettings(
-        max_turns=r.max_turns,
-        max_response_length=r.max_response_length,
-        max_obs_length=r.max_obs_length,
-        max_total_length=r.max_total_length,
+        rollout=cfg.rollout,
         max_prompt_length=cfg.data.max_prompt_length,
         search_concurrency=cfg.search.concurrency,
         max_search_error_share=cfg.search.max_error_share,
-        protocol=cfg.rollout.protocol,
         min_query_overlap=cfg.search.min_query_overlap,
     )
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zerosearch.config import ROLLOUT_PROTOCOLS as PROTOCOLS
+from zerosearch.config import RolloutConfig
 from zerosearch.rewards import query_overlap
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
@@ -48,27 +49,22 @@ INVALID_ACTION_TEXT = (TEMPLATES / "invalid_action.txt").read_text()
 INFORMATION_PREFIX, INFORMATION_SUFFIX = (TEMPLATES / "information.txt").read_text().split("{documents}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoopSettings:
-    max_turns: int = 5
-    """Action turns before the last, search-free one."""
-    max_response_length: int = 500
-    """Most tokens per generation turn."""
-    max_obs_length: int = 500
-    """Documents longer than this many tokens are truncated."""
-    max_total_length: int = 4096
-    """Most tokens of prompt + response."""
+    """What the loop reads: the rollout section of the config (turns, lengths, protocol) and a few fields of others."""
+
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """`max_turns` (action turns before the last, search-free one), `max_response_length` (tokens per turn),
+    `max_obs_length` (documents are cut to it), `max_total_length` (prompt + response) and `protocol`."""
     max_prompt_length: int = 4096
-    """Longer prompts are an error naming the sample."""
+    """Longer prompts are an error naming the sample (`data.max_prompt_length`)."""
     search_concurrency: int = 64
-    """Most search calls in flight at once."""
+    """Most search calls in flight at once (`search.concurrency`)."""
     max_search_error_share: float = 0.2
     """`run` raises when more than this share of a batch's searches fail; fewer end only their trajectories."""
-    protocol: str = "inline"
-    """`inline` (upstream: observations inside the assistant message) or `chat` (a new user turn)."""
     min_query_overlap: float = 0.0
     """A query whose content words overlap the question's less than this (`rewards.query_overlap`) gets noisy
-    documents from a simulated engine (0 = off, as upstream)."""
+    documents from a simulated engine (0 = off, as upstream; `search.min_query_overlap`)."""
 
 
 @dataclass
@@ -151,8 +147,8 @@ class AgentLoop:
 
     def __init__(self, engine: PolicyEngine, search: SearchBackend, tokenizer, settings: LoopSettings):
         self.engine, self.search, self.tokenizer, self.settings = engine, search, tokenizer, settings
-        if settings.protocol not in PROTOCOLS:
-            raise ValueError(f"rollout.protocol must be one of {PROTOCOLS}, got {settings.protocol!r}")
+        if settings.rollout.protocol not in PROTOCOLS:
+            raise ValueError(f"rollout.protocol must be one of {PROTOCOLS}, got {settings.rollout.protocol!r}")
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
         self._invalid_ids = encode(INVALID_ACTION_TEXT)
         self._info_prefix_ids = encode(INFORMATION_PREFIX)
@@ -160,7 +156,7 @@ class AgentLoop:
         self._turn_open_ids: list[int] = []
         self._turn_close_ids: list[int] = []
         self._eos_id = tokenizer.eos_token_id
-        if settings.protocol == "chat":
+        if settings.rollout.protocol == "chat":
             before, after = chat_turn_wrap(tokenizer)
             self._turn_open_ids = encode(before)
             self._turn_close_ids = encode(after)
@@ -250,7 +246,7 @@ class AgentLoop:
     # --- events ------------------------------------------------------------------------------
 
     def _budget(self, traj: Trajectory) -> int:
-        return self.settings.max_total_length - len(traj.prompt_ids) - len(traj.response_ids)
+        return self.settings.rollout.max_total_length - len(traj.prompt_ids) - len(traj.response_ids)
 
     def _submit_turn(self, batch: _Batch, traj: Trajectory) -> None:
         budget = self._budget(traj)
@@ -258,7 +254,7 @@ class AgentLoop:
             return self._finish(batch, traj, "length")
         sampling = dataclasses.replace(
             batch.sampling,
-            max_tokens=min(self.settings.max_response_length, budget),
+            max_tokens=min(self.settings.rollout.max_response_length, budget),
             seed=None if batch.sampling.seed is None else
             batch.sampling.seed + (batch.uid_offset + traj.uid) * 1009 + traj.turns,
         )
@@ -271,7 +267,7 @@ class AgentLoop:
         if action.kind == "answer":
             traj.answer = action.content
             return self._finish(batch, traj, "answer")
-        if traj.turns > self.settings.max_turns:
+        if traj.turns > self.settings.rollout.max_turns:
             return self._finish(batch, traj, "max_turns")
         if self._budget(traj) <= 0:
             return self._finish(batch, traj, "length")
@@ -313,7 +309,7 @@ class AgentLoop:
     def _wrap(self, traj: Trajectory, ids: list[int]) -> list[int]:
         """An observation as the protocol adds it: as is (`inline`), or as a user turn (`chat`), without a
         second end-of-turn token when the policy's turn already ended with one."""
-        if self.settings.protocol == "inline":
+        if self.settings.rollout.protocol == "inline":
             return ids
         open_ids = self._turn_open_ids
         if open_ids and traj.response_ids and traj.response_ids[-1] == self._eos_id == open_ids[0]:
@@ -330,8 +326,8 @@ class AgentLoop:
             traj.noisy_flags[-1] = None  # a real search engine: no useful/noisy split
         doc_ids = self.tokenizer.encode(result.text, add_special_tokens=False)
         document = result.text
-        if len(doc_ids) > self.settings.max_obs_length:
-            doc_ids = doc_ids[: self.settings.max_obs_length]
+        if len(doc_ids) > self.settings.rollout.max_obs_length:
+            doc_ids = doc_ids[: self.settings.rollout.max_obs_length]
             traj.obs_truncated += 1
             document = self.tokenizer.decode(doc_ids)  # only what the policy saw can count as retrieved
         traj.documents.append(document)
