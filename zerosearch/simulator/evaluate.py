@@ -111,6 +111,7 @@ def simulate(cfg: Config, sim: Simulator, records: list[dict[str, Any]], out: Pa
         with ExitStack() as stack:
             server = SimulationServer(str(resolve_model_path(sim.model)), port=_free_port(), log_dir=out / "logs",
                                       served_model_name=sim.name, start_timeout_s=s.server_startup_timeout_s,
+                                      quantization=s.server_quantization or None,
                                       **({"kv_cache_gib": s.server_kv_cache_gib} if s.server_kv_cache_gib else {}))
             stack.enter_context(server)
             logger.info("%s served at %s (started in %.1fs)", sim.name, server.url, server.startup_s)
