@@ -51,3 +51,19 @@ def test_a_resumed_ledger_keeps_the_run_totals():
 def test_negative_prices_are_refused():
     with pytest.raises(ValueError, match=">= 0"):
         Prices(api_usd_per_1k_queries=-1)
+
+
+def test_the_summary_carries_the_runs_cost(tmp_path):
+    from zerosearch.training.summary import write_summary
+
+    ledger = Ledger(Prices(api_usd_per_1k_queries=10.0, simulator_usd_per_hour=3.6))
+    ledger.step(Usage(simulated_queries=900, prompt_tokens=90, completion_tokens=45, simulator_s=100,
+                      real_queries={"wiki": 100}))
+    val = [{"step": 0, "val/f1": 0.1}, {"step": 2, "val/f1": 0.2}]
+    summary = write_summary(tmp_path, {"val": val}, steps=2, wall_s=60.0, peak_rss_gib=1.0,
+                            simulated_queries=ledger.total.simulated_queries, cost=ledger.summary())
+    assert summary["simulated_queries"] == 900
+    assert summary["cost"]["api_equivalent_usd"] == 10.0 and summary["cost"]["simulator_usd"] == 0.1
+    assert summary["cost"]["real_queries/wiki"] == 100 and summary["cost"]["saved_usd"] == 9.9
+    line = (tmp_path / "summary.md").read_text().splitlines()[-1]
+    assert "900 simulated" in line and "100 real (wiki 100)" in line and "$10.00" in line

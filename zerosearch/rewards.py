@@ -140,9 +140,7 @@ def retrieval_hit(documents: Sequence[str], golden_answers: str | Sequence[str])
 
 # function words that say nothing about what a query is after ("who is the mother of X" -> "mother", "x")
 _FUNCTION_WORDS = frozenset(
-    "who whom whose what which when where why how is are was were be been being do does did has have had "
-    "of in on at to for by with from about into than and or but not as that this these those it its "
-    "he she they his her their there here your you my our we i me".split()
+    ["who", "whom", "whose", "what", "which", "when", "where", "why", "how", "is", "are", "was", "were", "be", "been", "being", "do", "does", "did", "has", "have", "had", "of", "in", "on", "at", "to", "for", "by", "with", "from", "about", "into", "than", "and", "or", "but", "not", "as", "that", "this", "these", "those", "it", "its", "he", "she", "they", "his", "her", "their", "there", "here", "your", "you", "my", "our", "we", "i", "me"]
 )
 
 

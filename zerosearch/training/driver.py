@@ -22,9 +22,10 @@ from pathlib import Path
 import torch
 
 from zerosearch.algos import apply_kl_penalty, get_advantage_estimator, outcome_to_token_rewards
-from zerosearch.config import Config, ConfigError, save_config
+from zerosearch.config import Config, ConfigError, save_config, uses_simulation_server
 from zerosearch.curriculum import NoiseCurriculum
 from zerosearch.data import PromptSampler, load_samples
+from zerosearch.ledger import Ledger, Prices, usage_between
 from zerosearch.rewards import answer_reward
 from zerosearch.rollout.copying import copy_metrics, split_metrics
 from zerosearch.rollout.trajectory import Trajectory
@@ -336,6 +337,8 @@ class TrainingRun:
     val_samples: list
     sampler: PromptSampler
     curriculum: NoiseCurriculum
+    ledger: Ledger
+    """What the searches cost: per step in the metrics (`cost/...`), the run's in the summary."""
     history: dict
     tracker: Tracker
     memory: MemoryMonitor
@@ -371,7 +374,8 @@ def _schedules(cfg: Config, n_train: int, state: dict) -> tuple[PromptSampler, N
 def start_workers(cfg: Config, stack: ExitStack, run_dir: Path, world: int, resume_ckpt: Path | None) -> Workers:
     """Ray, any local simulation servers, and `world` ranks of each worker the algorithm needs."""
     ray = start_ray(cfg, stack)
-    worker_cfg = _worker_config(cfg, stack, run_dir)
+    if uses_simulation_server(cfg.search.mode):  # here, once; the workers only connect
+        start_simulation_servers(cfg, stack, run_dir / "logs")
     from zerosearch.training.workers import ActorRolloutWorker, CriticWorker, ReferenceWorker
 
     resume_arg = str(resume_ckpt) if resume_ckpt else None
@@ -379,9 +383,9 @@ def start_workers(cfg: Config, stack: ExitStack, run_dir: Path, world: int, resu
     need_critic = cfg.algorithm.adv_estimator == "gae"
     placement = gpu_placement(ray, cfg, world, stack)
     share = 1.0 / (1 + need_ref + need_critic)
-    actor = start_group(ray, ActorRolloutWorker, worker_cfg, world, share, placement, resume_arg)
-    ref = start_group(ray, ReferenceWorker, worker_cfg, world, share, placement) if need_ref else None
-    critic = start_group(ray, CriticWorker, worker_cfg, world, share, placement, resume_arg) if need_critic else None
+    actor = start_group(ray, ActorRolloutWorker, cfg, world, share, placement, resume_arg)
+    ref = start_group(ray, ReferenceWorker, cfg, world, share, placement) if need_ref else None
+    critic = start_group(ray, CriticWorker, cfg, world, share, placement, resume_arg) if need_critic else None
     info = actor.call("info")[0]
     logger.info("actor ready: %d rank(s) on %s (rollout engine started in %.1fs)", world, info["device"],
                 info["engine_start_s"])
@@ -400,14 +404,16 @@ def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, tra
         workers = start_workers(cfg, stack, run_dir, world, resume_ckpt)
         tracker = Tracker(run_dir, cfg.trainer.logger, _plain(cfg), cfg.trainer.project_name, run_dir.name, start_step)
         stack.callback(tracker.close)
-        run = TrainingRun(cfg, run_dir, workers, train_samples, val_samples, sampler, curriculum,
+        ledger = Ledger(Prices(cfg.cost.api_usd_per_1k_queries, cfg.cost.simulator_usd_per_hour))
+        if "ledger" in state:
+            ledger.load_state_dict(state["ledger"])
+        run = TrainingRun(cfg, run_dir, workers, train_samples, val_samples, sampler, curriculum, ledger,
                           state.get("history", {"val": []}), tracker, memory, t_start, state.get("wall_s", 0.0))
         if start_step == 0:
             _validate_before_training(run)
         _train_steps(run, start_step)
-        total_queries = search_stats(workers.actor).get("search/queries", 0.0)
         workers.close()
-    return _summarise(run, total_queries)
+    return _summarise(run)
 
 
 def _validate_before_training(run: TrainingRun) -> None:
@@ -433,6 +439,7 @@ def _train_steps(run: TrainingRun, start_step: int) -> None:
         metrics = train_step(run, step)
         search_now = search_stats(run.workers.actor)
         metrics.update(_search_metrics(search_before, search_now))
+        metrics.update(run.ledger.step(usage_between(search_before, search_now)))
         search_before = search_now
         if (t.test_freq > 0 and step % t.test_freq == 0) or (step == t.total_steps and t.test_freq != 0):
             val = validate(run.workers.actor, run.val_samples, step, run.cfg, run.run_dir)
@@ -455,14 +462,14 @@ def _search_metrics(before: dict[str, float], now: dict[str, float]) -> dict[str
     return out
 
 
-def _summarise(run: TrainingRun, total_queries: float) -> dict:
+def _summarise(run: TrainingRun) -> dict:
     from zerosearch.training.summary import write_summary
 
     cfg = run.cfg
     searched = _validation_searches(cfg)
     return write_summary(run.run_dir, run.history, steps=cfg.trainer.total_steps, wall_s=run.wall_s(),
                          peak_rss_gib=run.memory.peak_gib,
-                         simulated_queries=total_queries if cfg.search.mode.startswith("simulate") else 0.0,
+                         simulated_queries=run.ledger.total.simulated_queries, cost=run.ledger.summary(),
                          heldout_search=searched.get("val"), oracle_search=searched.get("val_oracle"))
 
 
@@ -486,8 +493,7 @@ def train_step(run: TrainingRun, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
     # Upstream's index (global_steps starts at 1): step k = 1..T trains with p_noisy(k / T), so the last step
     # trains at END_THRESHOLD. The checkpoint after step k saves step k; a resumed run goes on at k + 1.
-    run.curriculum.step = step
-    p_noisy = run.curriculum.probability()
+    p_noisy = run.curriculum.at(step)
     batch = [run.train_samples[i] for i in run.sampler.next_batch()]
     with timer("gen"):
         trajs, metrics = rollout(workers.actor, batch, p_noisy, step)
@@ -572,7 +578,7 @@ def save_checkpoint(run: TrainingRun, step: int) -> Path:
     if workers.critic is not None:
         workers.critic.call("save", str(tmp))
     state = {"step": step, "world_size": workers.actor.world, "sampler": run.sampler.state_dict(),
-             "curriculum": run.curriculum.state_dict(), "history": run.history, "wall_s": run.wall_s(),
+             "curriculum": run.curriculum.state_dict(), "ledger": run.ledger.state_dict(), "history": run.history, "wall_s": run.wall_s(),
              "saved_at": datetime.now().isoformat(timespec="seconds")}
     return checkpoint.commit(run.run_dir, tmp, step, state, cfg.trainer.keep_last)
 
@@ -585,17 +591,6 @@ def dump_rollouts(path: Path, trajs: list[Trajectory], reward: torch.Tensor) -> 
                                 "response_text": t.response_text, "answer": t.answer, "reward": r,
                                 "queries": t.queries, "noisy_flags": t.noisy_flags, "documents": t.documents,
                                 "finish_reason": t.finish_reason}, ensure_ascii=False) + "\n" for t, r in zip(trajs, reward.tolist()))
-
-
-def _worker_config(cfg: Config, stack: ExitStack, run_dir: Path) -> Config:
-    """Start local simulation servers here in the driver; workers then only connect."""
-    from copy import deepcopy
-
-    if cfg.search.mode.startswith("simulate"):
-        start_simulation_servers(cfg, stack, run_dir / "logs")
-    worker_cfg = deepcopy(cfg)
-    worker_cfg.search.start_server = "never"
-    return worker_cfg
 
 
 def _plain(cfg: Config) -> dict:

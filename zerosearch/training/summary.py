@@ -101,7 +101,7 @@ def untrained_scores(predictions: Path) -> dict[str, float]:
 
 def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_rss_gib: float,
                   simulated_queries: float, heldout_search: str | None = None,
-                  oracle_search: str | None = None) -> dict:
+                  oracle_search: str | None = None, cost: dict[str, float] | None = None) -> dict:
     """`heldout_*` come from validation through the real engine `heldout_search` (metrics `val/...`);
     with `oracle_search` (the simulator, which saw the gold answer) also `oracle_f1_*` (`val_oracle/...`)."""
     rows = read_metrics(run_dir)
@@ -147,6 +147,8 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
         "peak_rss_gib": round(peak_rss_gib, 2),
         "simulated_queries": int(simulated_queries),
     }
+    if cost is not None:  # the cost ledger's run totals (zerosearch/ledger.py)
+        summary["cost"] = {k: round(v, 4) for k, v in cost.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_reward_curve(run_dir, rows)
     cols = [before, after]
@@ -170,7 +172,18 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
                      f"untrained base model: {w['base_model']}")
     lines += ["", (f"steps {steps}, wall {wall_s / 60:.1f} min, peak RSS {peak_rss_gib:.2f} GiB, "
               f"simulated queries {int(simulated_queries)}")]
+    if cost is not None:
+        lines.append(_cost_line(cost))
     table = "\n".join(lines)
     (run_dir / "summary.md").write_text(table + "\n")
     print("\n" + table + f"\n\nrun directory: {run_dir}\n")
     return summary
+
+
+def _cost_line(c: dict[str, float]) -> str:
+    real = ", ".join(f"{k.removeprefix('real_queries/')} {int(v)}" for k, v in c.items() if k.startswith("real_queries/"))
+    return (f"searches: {int(c['simulated_queries'])} simulated ({int(c['simulated_prompt_tokens'])} prompt + "
+            f"{int(c['simulated_completion_tokens'])} completion tokens, simulator busy {c['simulator_s']:.0f} s), "
+            f"{int(c['real_queries'])} real{f' ({real})' if real else ''}; at the paid API's price the run's searches "
+            f"would cost ${c['api_equivalent_usd']:.2f}; paid API ${c['real_api_usd']:.2f}, simulator "
+            f"${c['simulator_usd']:.4f}, saved ${c['saved_usd']:.2f}")

