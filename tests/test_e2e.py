@@ -114,8 +114,10 @@ def test_two_grpo_steps_through_ray_with_real_engines(simulator, vllm_tiny_model
     assert summary["heldout_f1_before"] is not None and summary["heldout_f1_after"] is not None
     # the cost ledger: the step's simulated queries and the run's, priced; none went to a real engine in training
     assert all(r["cost/simulated_queries"] == r["search/queries_step"] and r["cost/real_queries"] == 0 for r in steps)
-    assert summary["cost"]["simulated_queries"] == sum(r["cost/simulated_queries"] for r in steps) > 0
-    assert summary["cost"]["api_equivalent_usd"] > 0 and summary["cost"]["real_api_usd"] == 0
+    queries = sum(r["cost/simulated_queries"] for r in steps)  # the tiny random policy may not search at all
+    assert summary["cost"]["simulated_queries"] == summary["simulated_queries"] == queries
+    assert summary["cost"]["api_equivalent_usd"] == round(queries * cfg.cost.api_usd_per_1k_queries / 1000, 4)
+    assert summary["cost"]["real_api_usd"] == 0 and steps[-1]["cost_total/simulated_queries"] == queries
     # trained against the simulator, validated with BM25 over the bundled corpus in the vLLM actor
     assert summary["heldout_search"] == "wiki: BM25 over hipporag_2wiki_corpus_6119.jsonl.gz"
     ckpt = checkpoint.latest_checkpoint(run_dir)
