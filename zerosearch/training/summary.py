@@ -151,6 +151,16 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
         summary["cost"] = {k: round(v, 4) for k, v in cost.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     plot_reward_curve(run_dir, rows)
+    table = _render_markdown(summary, [untrained, before, after], heldout_search, oracle_search, steps, wall_s,
+                             peak_rss_gib, simulated_queries, cost)
+    (run_dir / "summary.md").write_text(table + "\n")
+    print("\n" + table + f"\n\nrun directory: {run_dir}\n")
+    return summary
+
+
+def _render_markdown(summary: dict, columns: list, heldout_search: str | None, oracle_search: str | None, steps: int,
+                     wall_s: float, peak_rss_gib: float, simulated_queries: float, cost: dict | None) -> str:
+    untrained, before, after = columns
     cols = [before, after]
     lines = ["| held-out (greedy) | before | after |", "|---|---|---|"]
     if "warmstart" in summary:
@@ -174,10 +184,7 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
               f"simulated queries {int(simulated_queries)}")]
     if cost is not None:
         lines.append(_cost_line(cost))
-    table = "\n".join(lines)
-    (run_dir / "summary.md").write_text(table + "\n")
-    print("\n" + table + f"\n\nrun directory: {run_dir}\n")
-    return summary
+    return "\n".join(lines)
 
 
 def _cost_line(c: dict[str, float]) -> str:

@@ -94,25 +94,11 @@ def build_demonstrations(cfg: Config, samples, search, tokenizer) -> tuple[list[
     return demos, dict(counts)
 
 
-def warm_start(cfg: Config, out: str | Path) -> dict[str, Any]:
-    """Build demonstrations from the training split and fine-tune `model.path` on them into `out`, as
-    `cfg.warmstart` says; returns the summary also written to `out/warmstart.json`."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-
-    from zerosearch.models import resolve_model_path
+def _demonstrations(cfg: Config, tokenizer) -> tuple[list[dict], dict[str, int]]:
+    """At most `warmstart.num_samples` demonstrations from the training split, searched with `search.engine`."""
     from zerosearch.rollout.factory import load_samples
     from zerosearch.search import build_search_backend
 
-    s = cfg.warmstart
-    out = Path(out)
-    t0 = time.perf_counter()
-    path = resolve_model_path(cfg.model.path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     samples = load_samples(cfg, cfg.data.train_split)
     engine = cfg.search.engine
     options = {"retriever_url": cfg.search.retriever_url} if cfg.search.retriever_url else {"corpus": cfg.search.corpus}
@@ -125,7 +111,28 @@ def warm_start(cfg: Config, out: str | Path) -> dict[str, Any]:
         raise ValueError(f"no training question of {cfg.data.path} has a gold answer in its {engine} documents or "
                          "in the question; warm-start needs an engine that can answer the training questions")
     random.Random(cfg.trainer.seed).shuffle(demos)
-    demos = demos[: s.num_samples]
+    return demos[: cfg.warmstart.num_samples], counts
+
+
+def warm_start(cfg: Config, out: str | Path) -> dict[str, Any]:
+    """Build demonstrations from the training split and fine-tune `model.path` on them into `out`, as
+    `cfg.warmstart` says; returns the summary also written to `out/warmstart.json`."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from zerosearch.models import resolve_model_path
+
+    s = cfg.warmstart
+    out = Path(out)
+    t0 = time.perf_counter()
+    path = resolve_model_path(cfg.model.path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    demos, counts = _demonstrations(cfg, tokenizer)
+    engine = cfg.search.engine
     build_s = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "demonstrations.jsonl", "w", encoding="utf-8") as f:
