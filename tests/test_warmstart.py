@@ -120,7 +120,7 @@ def test_the_trainer_builds_the_warm_start_once_and_trains_from_it(tmp_path, tin
 
     from tests.test_simulator import CORPUS, QUESTIONS, _write_jsonl
     from zerosearch.config import save_config
-    from zerosearch.training.driver import warm_started
+    from zerosearch.training.preflight import warm_started
 
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", CORPUS)
     data = tmp_path / "qa"
