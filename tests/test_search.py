@@ -63,12 +63,12 @@ def small_corpus(tmp_path: Path) -> Path:
 
 
 def test_registry_accepts_upstream_spellings_and_lists_modes() -> None:
-    assert search_modes() == ["google", "simulate_prompt", "simulate_sft", "wiki"]
+    assert search_modes() == ["google", "hybrid", "simulate_prompt", "simulate_self", "simulate_sft", "wiki"]
     assert canonical_mode("simulate_prompt") == "simulate_prompt"
     assert canonical_mode("SIMULATE-SFT") == "simulate_sft"
     assert canonical_mode(" Wiki ") == "wiki"
     assert canonical_mode("google") == "google"
-    with pytest.raises(ValueError, match="valid modes: google, simulate_prompt, simulate_sft, wiki"):
+    with pytest.raises(ValueError, match="valid modes: google, hybrid, simulate_prompt, simulate_self, simulate_sft, wiki"):
         build_search_backend("bing")
     with pytest.raises(ValueError, match="corpus=PATH"):
         build_search_backend("wiki")

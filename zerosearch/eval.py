@@ -283,7 +283,7 @@ def run_eval(cfg: Config, samples: list[QASample], method: str, out_dir: Path) -
         sampling = dataclasses.replace(sampling, seed=None)
     settings = loop_settings(cfg)
     if method != "agent":  # one generation, whose search (if any) is never executed
-        settings = dataclasses.replace(settings, max_turns=0)
+        settings = dataclasses.replace(settings, rollout=dataclasses.replace(settings.rollout, max_turns=0))
         sampling = dataclasses.replace(sampling, stop=["</answer>"])
     with build_rollout_stack(cfg, search=NoSearch() if method == "direct" else None, settings=settings,
                              start_servers=True, log_dir=out_dir / "logs") as rollout:
