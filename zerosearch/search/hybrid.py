@@ -77,7 +77,8 @@ class HybridSearch:
         drawn = [self._draw() for _ in requests]
         to_real = [i for i, d in enumerate(drawn) if d and self._take("search/hybrid_drawn")]
         results: list[SearchResult | None] = [None] * len(requests)
-        to_sim = [i for i in range(len(requests)) if i not in set(to_real)]
+        routed = set(to_real)
+        to_sim = [i for i in range(len(requests)) if i not in routed]
         for i, result in zip(to_sim, self.simulated.search([requests[i] for i in to_sim]) if to_sim else []):
             results[i] = result
         unsure = [i for i in to_sim if self.min_confidence > 0 and results[i].confidence is not None
