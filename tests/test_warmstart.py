@@ -3,12 +3,14 @@ on the policy's turns only, and only questions whose answer the policy could see
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
-from tests.test_rollout_loop import make_loop, run, sample
+from tests.test_rollout_loop import RecordingSearch, make_loop, run, sample
 from zerosearch.config import load_config
 from zerosearch.search import SearchResult
-from zerosearch.training.warmstart import build_demonstrations, demonstration
+from zerosearch.training.warmstart import bridge_names, build_demonstrations, demonstration
 
 
 @pytest.mark.parametrize("protocol", ["inline", "chat"])
@@ -19,12 +21,76 @@ def test_a_demonstration_is_the_trajectory_the_agent_loop_builds(smollm2_tokeniz
     loop, engine = make_loop(tok, [script], protocol=protocol)
     (traj,), _ = run(loop, engine, [q])
     docs = f"Doc 1(Title: Paris) Paris is the capital of France. [{q.question}]"
-    demo = demonstration(tok, q.prompt, q.question, docs, "Paris", protocol)
+    demo = demonstration(tok, q.prompt, [(q.question, docs)], "Paris", protocol)
     assert demo["input_ids"] == traj.prompt_ids + traj.response_ids
     # the loss covers exactly the tokens the loop marks as the policy's (loss mask 1)
     trained = [label != -100 for label in demo["labels"]]
     assert trained == [False] * len(traj.prompt_ids) + [m == 1 for m in traj.loss_mask]
     assert all(label in (-100, token) for label, token in zip(demo["labels"], demo["input_ids"]))
+
+
+@pytest.mark.parametrize("protocol", ["inline", "chat"])
+def test_a_two_search_demonstration_is_the_trajectory_the_agent_loop_builds(smollm2_tokenizer, protocol):
+    tok = smollm2_tokenizer
+    q = sample(0)
+    docs = "Doc 1(Title: Paris) Paris is the capital of France."
+    script = [f"<search> {q.question} </search>", "<search> Anne Hidalgo </search>", "<answer> Paris </answer>"]
+    loop, engine = make_loop(tok, [script], search=RecordingSearch(docs=docs), protocol=protocol, max_turns=3)
+    (traj,), _ = run(loop, engine, [q])
+    assert traj.num_searches == 2
+    # RecordingSearch appends the query to its documents
+    searches = [(query, f"{docs} [{query}]") for query in (q.question, "Anne Hidalgo")]
+    demo = demonstration(tok, q.prompt, searches, "Paris", protocol)
+    assert demo["input_ids"] == traj.prompt_ids + traj.response_ids
+    trained = [label != -100 for label in demo["labels"]]
+    assert trained == [False] * len(traj.prompt_ids) + [m == 1 for m in traj.loss_mask]
+
+
+def test_bridge_names_are_the_names_the_documents_add_to_the_question():
+    docs = ("Doc 1(Title: Age-Old Friends) Age-Old Friends is a 1989 film directed by Allan Kroeker. It stars "
+            "Hume Cronyn and Vincent Gardenia. Doc 2(Title: Old Friends) A film by J. R. Smith, made in New York.")
+    names = bridge_names(docs, "Where was the director of film Age-Old Friends born?")
+    # a retrieved document's title counts too; a name the question holds ("Age-Old Friends") does not
+    assert names == ["Allan Kroeker", "Hume Cronyn", "Vincent Gardenia", "Old Friends", "J. R. Smith", "New York"]
+    assert bridge_names(docs, "Where was the director of film Age-Old Friends born?", limit=2) == names[:2]
+
+
+class BridgeDocs:
+    """BM25 in miniature: the film's page names its director, the director's page his birthplace."""
+
+    pages: ClassVar[dict[str, str]] = {"Age-Old Friends": "Doc 1(Title: Age-Old Friends) Age-Old Friends is a film directed by Allan Kroeker.",
+             "Allan Kroeker": "Doc 1(Title: Allan Kroeker) Allan Kroeker was born in Winnipeg, Manitoba.",
+             "Red Herring": "Doc 1(Title: Red Herring) Red Herring is a film directed by Jane Doe."}
+
+    def __init__(self):
+        self.queries = []
+
+    def search(self, requests):
+        self.queries += [r.query for r in requests]
+        return [SearchResult(text=next((page for key, page in self.pages.items() if key in r.query),
+                                       "Doc 1(Title: Moon) The Moon orbits the Earth."), noisy=None) for r in requests]
+
+
+def test_two_hop_demonstrations_search_the_name_the_first_documents_give(smollm2_tokenizer):
+    samples = [sample(0, "Where was the director of film Age-Old Friends born?", ["Winnipeg, Manitoba"]),
+               sample(1, "Where was the director of film Red Herring born?", ["Boston"])]
+    one_hop, counts = build_demonstrations(load_config("cpu", []), samples, BridgeDocs(), smollm2_tokenizer)
+    assert one_hop == [] and counts == {"searched": 2, "dropped_no_answer_seen": 2}
+
+    search = BridgeDocs()
+    cfg = load_config("cpu", ["warmstart.two_hop=true"])
+    demos, counts = build_demonstrations(cfg, samples, search, smollm2_tokenizer)
+    # the second question's bridge (Jane Doe) is searched too, but her documents do not hold Boston: dropped
+    assert search.queries[2:] == ["Allan Kroeker", "Jane Doe"]
+    assert counts == {"searched": 2, "kept_two_searches": 1, "dropped_no_answer_seen": 1}
+    (demo,) = demos
+    text = smollm2_tokenizer.decode(demo["input_ids"])
+    reply = text.split("<|im_start|>assistant")[-1]
+    assert reply.count("<search>") == 2 and "<search> Allan Kroeker </search>" in reply
+    assert text.endswith("<answer> Winnipeg, Manitoba </answer>")
+    trained = smollm2_tokenizer.decode([t for t, label in zip(demo["input_ids"], demo["labels"]) if label != -100])
+    assert trained == ("<search> Where was the director of film Age-Old Friends born? </search><search> Allan "
+                       "Kroeker </search><answer> Winnipeg, Manitoba </answer>")
 
 
 class AnswerDocs:

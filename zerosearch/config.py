@@ -282,6 +282,10 @@ class WarmStartConfig:
     search: bool = True
     """Demonstrations search, then answer; `false`: the same questions answered at once, without the search turn
     (the warm-start of the "RL without search" baseline, `rollout.max_turns=0`, in `scripts/compare.py`)."""
+    two_hop: bool = False
+    """Also demonstrate two searches: a question whose first documents miss the answer searches a name those
+    documents mention, and is kept when that search finds it (the bridge of a two-hop question). Needs
+    `rollout.max_turns` >= 3 for the policy to do the same."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,11 @@ documents for that query wrapped as the loop wraps them (`rollout.protocol`), an
 
 Only demonstrations the policy could have produced from what it saw are kept: a gold answer appears in
 the retrieved documents (the answer is extracted, not recalled) or in the question itself ("which of A or
-B"). The documents come from `search.engine` (BM25 over the bundled corpus on the CPU default) for the
+B"). With `warmstart.two_hop`, a question whose first documents miss the answer gets a second search: for
+each name the first documents mention and the question does not (the bridge of a two-hop question, e.g. the
+director of the film asked about), the name is searched, and the first whose documents hold a gold answer
+makes a demonstration with two searches (``<search> QUESTION </search>``, documents, ``<search> NAME
+</search>``, documents, answer). The documents come from `search.engine` (BM25 over the bundled corpus on the CPU default) for the
 *training* questions; the held-out questions are never searched here. TRL's `SFTTrainer` runs the
 optimisation; the output is an HF folder that `MODEL_PATH DIR` trains from.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import shutil
 import time
 from collections import Counter
@@ -48,17 +53,13 @@ def _pick_answer(golden: list[str], documents: str, question: str) -> tuple[str 
     return None, False
 
 
-def demonstration(tokenizer, prompt: list[dict], query: str | None, documents: str, answer: str,
+def demonstration(tokenizer, prompt: list[dict], searches: list[tuple[str, str]], answer: str,
                   protocol: str = "inline", max_obs_length: int = 500) -> dict[str, list[int]]:
-    """One trajectory as token ids and labels (-100 on the prompt and the observation); `query` None: the
-    answer alone, as a policy without search writes it."""
+    """One trajectory as token ids and labels (-100 on the prompt and the observations): a search turn per
+    ``(query, documents)`` of `searches`, then the answer; no searches: the answer alone, as a policy without
+    search writes it."""
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
     prompt_ids = encode_prompt(tokenizer, prompt)
-    if query is None:
-        answer_ids = encode(f"<answer> {answer} </answer>")
-        return {"input_ids": prompt_ids + answer_ids, "labels": [-100] * len(prompt_ids) + answer_ids}
-    search_ids = encode(f"<search> {query} </search>")
-    answer_ids = encode(f"<answer> {answer} </answer>")
     prefix, suffix = INFORMATION_PREFIX, INFORMATION_SUFFIX
     open_ids: list[int] = []
     close_ids: list[int] = []
@@ -66,10 +67,33 @@ def demonstration(tokenizer, prompt: list[dict], query: str | None, documents: s
         before, after = chat_turn_wrap(tokenizer)
         open_ids, close_ids = encode(before), encode(after)
         prefix, suffix = prefix.strip(), suffix.strip()
-    obs_ids = open_ids + encode(prefix) + encode(documents)[:max_obs_length] + encode(suffix) + close_ids
-    input_ids = prompt_ids + search_ids + obs_ids + answer_ids
-    labels = [-100] * len(prompt_ids) + search_ids + [-100] * len(obs_ids) + answer_ids
-    return {"input_ids": input_ids, "labels": labels}
+    input_ids, labels = list(prompt_ids), [-100] * len(prompt_ids)
+    for query, documents in searches:
+        search_ids = encode(f"<search> {query} </search>")
+        obs_ids = open_ids + encode(prefix) + encode(documents)[:max_obs_length] + encode(suffix) + close_ids
+        input_ids += search_ids + obs_ids
+        labels += search_ids + [-100] * len(obs_ids)
+    answer_ids = encode(f"<answer> {answer} </answer>")
+    return {"input_ids": input_ids + answer_ids, "labels": labels + answer_ids}
+
+
+_SENTENCE_END = re.compile(r"(?<=\w\w)[.!?;](?=\s)|[,()\[\]\"]")
+_NAME = re.compile(r"[A-Z][\w'\u2019.-]*(?:\s+(?:(?:of|de|da|del|von|van|der|la|le|du|bin|al)\s+)*[A-Z][\w'\u2019.-]*)+")
+_DOC_HEADER = re.compile(r"Doc \d+\s*\(Title:")
+
+
+def bridge_names(documents: str, question: str, limit: int = 6) -> list[str]:
+    """Names (two or more capitalised words) that `documents` mention and `question` does not, in order of
+    appearance: the candidates for a two-hop question's second search."""
+    asked = f" {normalize_answer(question)} "
+    names: list[str] = []
+    for piece in _SENTENCE_END.split(_DOC_HEADER.sub(" ", documents)):
+        for name in _NAME.findall(piece):
+            name = name.strip(" .-")
+            norm = normalize_answer(name)
+            if len(norm.split()) >= 2 and f" {norm} " not in asked and name not in names:
+                names.append(name)
+    return names[:limit]
 
 
 def build_demonstrations(cfg: Config, samples, search, tokenizer) -> tuple[list[dict], dict[str, int]]:
@@ -77,21 +101,58 @@ def build_demonstrations(cfg: Config, samples, search, tokenizer) -> tuple[list[
     requests = [SearchRequest(query=s.question, question=s.question, golden_answers=list(s.golden_answers))
                 for s in samples]
     results = search.search(requests)
+    second = _second_searches(cfg, samples, results, search) if cfg.warmstart.two_hop and cfg.warmstart.search else {}
     demos, counts = [], Counter()
-    for sample, result in zip(samples, results):
+    for i, (sample, result) in enumerate(zip(samples, results)):
         answer, in_docs = _pick_answer(list(sample.golden_answers), result.text, sample.question)
+        searches = [(sample.question, result.text)]
         counts["searched"] += 1
-        if answer is None:
+        if (answer is None or not in_docs) and i in second:
+            answer, name, documents = second[i]
+            searches.append((name, documents))
+            counts["kept_two_searches"] += 1
+        elif answer is None:
             counts["dropped_no_answer_seen"] += 1
             continue
-        counts["kept_answer_in_documents" if in_docs else "kept_answer_in_question"] += 1
+        else:
+            counts["kept_answer_in_documents" if in_docs else "kept_answer_in_question"] += 1
         if answer_in_question(sample.question, sample.golden_answers):
             counts["kept_named"] += 1
-        query = sample.question if cfg.warmstart.search else None
-        demo = demonstration(tokenizer, sample.prompt, query, result.text, answer,
+        demo = demonstration(tokenizer, sample.prompt, searches if cfg.warmstart.search else [], answer,
                              cfg.rollout.protocol, cfg.rollout.max_obs_length)
         demos.append({**demo, "question": sample.question, "answer": answer, "data_source": sample.data_source})
     return demos, dict(counts)
+
+
+def _second_searches(cfg: Config, samples, results, search) -> dict[int, tuple[str, str, str]]:
+    """For each question whose first documents miss every gold answer and whose answer the question does not
+    name: the first bridge name whose documents hold a gold answer -> (answer, name, documents)."""
+    wanted: list[tuple[int, str]] = []
+    for i, (sample, result) in enumerate(zip(samples, results)):
+        golden = list(sample.golden_answers)
+        # yes/no questions are comparisons: a second search for "no" would be a chance match
+        if (answer_in_question(sample.question, golden) or _pick_answer(golden, result.text, "")[0] is not None
+                or {normalize_answer(g) for g in golden} & {"yes", "no"}):
+            continue
+        wanted += [(i, name) for name in bridge_names(result.text, sample.question)]
+    found = search.search([SearchRequest(query=name, question=samples[i].question,
+                                         golden_answers=list(samples[i].golden_answers)) for i, name in wanted])
+    second: dict[int, tuple[str, str, str]] = {}
+    for (i, name), result in zip(wanted, found):
+        # the name's own page, first, holds the answer: a chance match in some other document is not a hop
+        title, text = _top_document(result.text)
+        answer, _ = _pick_answer(list(samples[i].golden_answers), text, "")
+        if answer is not None and i not in second and f" {normalize_answer(name)} " in f" {normalize_answer(title)} ":
+            second[i] = (answer, name, result.text)
+    return second
+
+
+def _top_document(documents: str) -> tuple[str, str]:
+    """(title, text) of the first ``Doc 1(Title: …) …`` document of a search result."""
+    parts = _DOC_HEADER.split(documents)
+    first = parts[1] if len(parts) > 1 else documents
+    title, _, text = first.partition(")")
+    return title.strip(), text
 
 
 def _demonstrations(cfg: Config, tokenizer) -> tuple[list[dict], dict[str, int]]:
