@@ -161,3 +161,11 @@ def fake_servers_for_hybrid():
     yield chat, retriever
     chat.close()
     retriever.close()
+
+
+def test_merged_search_stats_sum_counters_and_keep_the_largest_peak():
+    from zerosearch.search.base import merge_search_stats
+
+    merged = merge_search_stats([{"search/queries": 3.0, "search/max_in_flight": 4.0},
+                                 {"search/queries": 2.0, "search/max_in_flight": 2.0, "search/errors": 1.0}])
+    assert merged == {"search/queries": 5.0, "search/max_in_flight": 4.0, "search/errors": 1.0}

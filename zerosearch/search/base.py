@@ -205,6 +205,16 @@ class SearchStats:
         return out
 
 
+def merge_search_stats(parts) -> dict[str, float]:
+    """Counters of several search clients (`SearchStats.as_dict` each) as one: summed, except the peaks
+    (``search/max_*``), which take the largest."""
+    out: dict[str, float] = {}
+    for stats in parts:
+        for key, value in stats.items():
+            out[key] = max(out.get(key, 0.0), value) if key.startswith("search/max") else out.get(key, 0.0) + value
+    return out
+
+
 def is_loopback(url_or_host: str) -> bool:
     """Whether a URL or host names this machine (127.0.0.0/8, ::1, localhost).
 

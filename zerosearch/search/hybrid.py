@@ -22,7 +22,7 @@ import random
 import threading
 from dataclasses import dataclass, replace
 
-from zerosearch.search.base import SearchBackend, SearchRequest, SearchResult
+from zerosearch.search.base import SearchBackend, SearchRequest, SearchResult, merge_search_stats
 
 
 @dataclass
@@ -74,15 +74,18 @@ class HybridSearch:
         self.budget.begin_step()
 
     def search(self, requests: list[SearchRequest]) -> list[SearchResult]:
-        drawn = [self._draw() for _ in requests]
-        to_real = [i for i, d in enumerate(drawn) if d and self._take("search/hybrid_drawn")]
+        to_real, to_sim = [], []
+        for i in range(len(requests)):  # draw, then ask the budget, one request at a time
+            (to_real if self._draw() and self._take("search/hybrid_drawn") else to_sim).append(i)
         results: list[SearchResult | None] = [None] * len(requests)
-        routed = set(to_real)
-        to_sim = [i for i in range(len(requests)) if i not in routed]
         for i, result in zip(to_sim, self.simulated.search([requests[i] for i in to_sim]) if to_sim else []):
             results[i] = result
-        unsure = [i for i in to_sim if self.min_confidence > 0 and results[i].confidence is not None
-                  and results[i].confidence < self.min_confidence and self._take("search/hybrid_low_confidence")]
+        unsure = []
+        for i in to_sim:
+            confidence = results[i].confidence
+            if (self.min_confidence > 0 and confidence is not None and confidence < self.min_confidence
+                    and self._take("search/hybrid_low_confidence")):
+                unsure.append(i)
         real_ids = to_real + unsure
         if real_ids:
             for i, result in zip(real_ids, self.real.search([replace(requests[i], noisy=None) for i in real_ids])):
@@ -90,10 +93,7 @@ class HybridSearch:
         return results  # type: ignore[return-value]
 
     def stats(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for backend in (self.simulated, self.real):
-            for key, value in backend.stats().items():
-                out[key] = max(out.get(key, 0.0), value) if key.startswith("search/max") else out.get(key, 0.0) + value
+        out = merge_search_stats([self.simulated.stats(), self.real.stats()])
         with self._lock:
             return out | self._counts
 

@@ -28,6 +28,7 @@ from zerosearch.ledger import Ledger, Prices, usage_between
 from zerosearch.rewards import answer_reward
 from zerosearch.rollout.copying import copy_metrics, split_metrics
 from zerosearch.rollout.trajectory import Trajectory
+from zerosearch.search.base import merge_search_stats
 from zerosearch.search.server import start_simulation_servers
 from zerosearch.training import checkpoint, rundir
 from zerosearch.training.batch import pad_to_grid, response_len, stack_grids
@@ -107,11 +108,7 @@ def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tenso
 
 def search_stats(actor: WorkerGroup) -> dict[str, float]:
     """The search clients' counters, summed over the actor ranks (the peaks: the largest)."""
-    out: dict[str, float] = {}
-    for stats in actor.call("search_stats"):
-        for key, value in stats.items():
-            out[key] = max(out.get(key, 0.0), value) if key.startswith("search/max") else out.get(key, 0.0) + value
-    return out
+    return merge_search_stats(actor.call("search_stats"))
 
 
 _SUMMED = {"rollout/policy_tokens", "rollout/obs_tokens", "rollout/queries", "rollout/gen_tokens_per_s",
