@@ -171,6 +171,17 @@ def test_grpo_advantages_follow_groups_and_mask():
     assert adv[0][0] == pytest.approx(-adv[1][0])
 
 
+def test_a_trajectory_cut_short_by_a_failed_search_leaves_its_siblings_advantages_alone():
+    cfg = load_config("cpu")
+    trajs = [_traj([1], [5, 6, 7], [1, 0, 1], group=0, uid=i) for i in range(4)]
+    reward = torch.tensor([1.0, 0.0, 0.5, 0.0])
+    trajs[3].finish_reason = "error"
+    adv, _, _ = compute_advantages(cfg, trajs, reward, None, None, None)
+    without, _, _ = compute_advantages(cfg, trajs[:3], reward[:3], None, None, None)
+    assert adv[:3].tolist() == without.tolist()
+    assert adv[3].tolist() == [0.0, 0.0, 0.0]
+
+
 # --- the trainer's maths: temperature, entropy bonus, loss weights, KL in the reward ------------------
 
 

@@ -101,7 +101,10 @@ def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tenso
                                                   a.kl_coef, a.kl_type)
     estimator = get_advantage_estimator(a.adv_estimator)
     vals = pad_to_grid(values, R) if values is not None else None
-    adv, returns = estimator(token_rewards, mask, [t.group for t in trajs], vals, gamma=a.gamma, lam=a.lam)  # [B, R] x2
+    # a trajectory cut short by a failed search is no sample of the policy: alone in its group, its reward of 0
+    # does not move its siblings' mean and std (it carries no loss itself, `Trajectory.train_mask`)
+    groups = [("error", t.uid) if t.finish_reason == "error" else t.group for t in trajs]
+    adv, returns = estimator(token_rewards, mask, groups, vals, gamma=a.gamma, lam=a.lam)  # [B, R] x2
     metrics["adv/mean_abs"] = float((adv.abs() * mask).sum() / mask.sum().clamp(min=1))
     return adv, returns, metrics
 
