@@ -11,6 +11,7 @@ from zerosearch.rewards import (
     f1_score,
     normalize_answer,
     query_overlap,
+    query_support,
 )
 
 PROMPT = (
@@ -255,3 +256,11 @@ def test_query_overlap_scores_content_words_shared_with_the_question():
     assert 0.5 < query_overlap("director of Polish-Russian War", question) < 1.0
     for off_topic in ("Your question", "", "Who wrote the play Hamlet?", "the of who"):
         assert query_overlap(off_topic, question) == 0.0
+
+
+def test_query_support_is_the_share_of_query_words_the_documents_hold():
+    docs = "Doc 1(Title: Age-Old Friends) Age-Old Friends is a 1989 film directed by Allan Kroeker."
+    assert query_support("Allan Kroeker", docs) == 1.0
+    assert query_support("Allan Smithee", docs) == 0.5
+    assert query_support("", docs) == 0.0 and query_support("the of", docs) == 0.0
+    assert query_support("Allan Kroeker", "") == 0.0

@@ -251,6 +251,14 @@ def test_the_relevance_gate_sends_noisy_documents_to_an_off_topic_query(smollm2_
     assert [t.off_topic for t in trajs] == [0, 1] and [t.noisy_flags for t in trajs] == [[False], [True]]
     assert loop_metrics(trajs)["rollout/off_topic_share"] == 0.5
 
+    # a follow-up query drawn from the documents already retrieved (a two-hop question's bridge) passes
+    follow_up = ["<search>capital of France</search>", "<search>Paris capital</search>", "<answer>Paris</answer>"]
+    search = RecordingSearch()
+    loop, engine = make_loop(smollm2_tokenizer, [follow_up, ["<search>Lyon weather</search>", *off_topic]],
+                             search=search, min_query_overlap=0.5, max_turns=3)
+    trajs, _ = run(loop, engine, [sample(0, "Who is the mayor of the capital of France?"), sample(1)])
+    assert [t.noisy_flags for t in trajs] == [[False, False], [True, True]]
+
     search = RecordingSearch()  # off (the default, as upstream): the query does not matter
     loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER, off_topic], search=search)
     run(loop, engine, [sample(0), sample(1)])

@@ -161,6 +161,17 @@ def query_overlap(query: str, question: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def query_support(query: str, text: str) -> float:
+    """The share of a search ``query``'s content words that ``text`` holds: 1.0 for a name copied from the
+    documents a trajectory has already retrieved (the second hop of a two-hop question), 0.0 for an empty
+    query. The relevance gate passes a follow-up query with enough of it (``search.min_query_overlap``)."""
+    q = [t for t in normalize_answer(query).split() if t not in _FUNCTION_WORDS]
+    if not q:
+        return 0.0
+    seen = set(normalize_answer(text).split())
+    return sum(t in seen for t in q) / len(q)
+
+
 def shaped_reward(answer_score: float, has_answer: bool, retrieved_gold: bool, format_score: float = 0.0,
                   retrieval_score: float = 0.0) -> float:
     """Search-R1's shaping (``compute_score_em`` in its ``qa_em_format.py``) on top of the answer score.

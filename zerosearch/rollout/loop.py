@@ -34,7 +34,7 @@ from pathlib import Path
 
 from zerosearch.config import ROLLOUT_PROTOCOLS as PROTOCOLS
 from zerosearch.config import RolloutConfig
-from zerosearch.rewards import query_overlap
+from zerosearch.rewards import query_overlap, query_support
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
 from zerosearch.rollout.self_search import SelfSimulation
@@ -63,7 +63,8 @@ class LoopSettings:
     max_search_error_share: float = 0.2
     """`run` raises when more than this share of a batch's searches fail; fewer end only their trajectories."""
     min_query_overlap: float = 0.0
-    """A query whose content words overlap the question's less than this (`rewards.query_overlap`) gets noisy
+    """A query whose content words overlap the question's less than this (`rewards.query_overlap`), and which
+    is not a follow-up drawn from the documents already retrieved (`rewards.query_support`), gets noisy
     documents from a simulated engine (0 = off, as upstream; `search.min_query_overlap`)."""
 
 
@@ -284,7 +285,8 @@ class AgentLoop:
         key = f"{batch.noise_seed}/{batch.uid_offset + traj.uid}/{traj.num_searches}"
         noisy = random.Random(key).random() < batch.p_noisy
         gate = self.settings.min_query_overlap
-        if gate > 0 and not noisy and query_overlap(query, traj.question) < gate:
+        if gate > 0 and not noisy and query_overlap(query, traj.question) < gate and (
+                query_support(query, " ".join(traj.documents)) < gate):  # nor a name the documents gave
             noisy = True  # the simulator would write useful documents from the gold answer whatever the query
             traj.off_topic += 1
         traj.noisy_flags.append(noisy)
