@@ -235,6 +235,17 @@ def test_copy_metrics_count_the_example_and_the_most_common_string_once_per_prom
     assert m["copy/example_query_share"] == pytest.approx(1 / 5)
     assert m["copy/top_answer_share"] == pytest.approx(2 / 3)  # "same": prompts 0 and 1 of the 3 that answered
     assert m["copy/top_query_share"] == pytest.approx(2 / 4)  # "common": prompts 2 and 3
+    assert m["copy/question_answer_share"] == 0.0
+
+
+def test_an_answer_repeating_the_question_is_counted():
+    from zerosearch.rollout.copying import copy_metrics
+
+    question = "Which film was released earlier, Dead Mine or Witch Story?"
+    trajs = [_traj(question, question, [question]), _traj(question, "Which film was released earlier, Dead Mine"),
+             _traj(question, "Witch Story"), _traj(question, None)]
+    # the first two answer with the question (content-word F1 1.0 and 0.8); the third picks one film
+    assert copy_metrics(trajs, TEMPLATE)["copy/question_answer_share"] == pytest.approx(2 / 3)
 
 
 def test_split_metrics_separate_questions_that_name_their_answer():

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 
 from zerosearch.data import example_for
-from zerosearch.rewards import normalize_answer
+from zerosearch.rewards import normalize_answer, query_overlap
 
 
 def _norm(text: str | None) -> str:
@@ -61,7 +61,14 @@ def copy_metrics(trajs, template: str, prefix: str = "copy") -> dict[str, float]
         f"{prefix}/example_query_share": example_queries / max(len(queries), 1),
         f"{prefix}/top_answer_share": _top_share(answer_groups),
         f"{prefix}/top_query_share": _top_share(query_groups),
+        f"{prefix}/question_answer_share": sum(repeats_question(t) for t in answers) / max(len(answers), 1),
     }
+
+
+def repeats_question(traj) -> bool:
+    """The answer is (most of) the question itself: it collects the F1 of every answer the question names
+    without choosing one, a degenerate answer no single-string check sees (content-word F1 >= 0.8)."""
+    return traj.answer is not None and query_overlap(traj.answer, traj.question) >= 0.8
 
 
 def split_metrics(trajs, scores: list[dict], hits: list[bool], prefix: str) -> dict[str, float]:

@@ -66,6 +66,7 @@ SUMMARY_KEYS = (
     ("val_copy/example_query_share", "copy_example_query"),
     ("val_copy/top_answer_share", "top_answer_share"),
     ("val_copy/top_query_share", "top_query_share"),
+    ("val_copy/question_answer_share", "question_answer_share"),
 )
 # rows of summary.md
 TABLE_KEYS = (
@@ -76,6 +77,7 @@ TABLE_KEYS = (
     ("val_copy/example_answer_share", "answers copying the prompt's example"),
     ("val_copy/top_answer_share", "questions sharing the most common answer"),
     ("val_copy/top_query_share", "questions sharing the most common query"),
+    ("val_copy/question_answer_share", "answers repeating the question"),
 )
 
 
@@ -121,7 +123,8 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
         summary[f"heldout_{name}_before"] = before.get(key) if before else None
         summary[f"heldout_{name}_after"] = after.get(key) if after else None
     train_rows = [r for r in rows if "copy/example_answer_share" in r]
-    for key in ("example_answer_share", "example_query_share", "top_answer_share", "top_query_share"):
+    for key in ("example_answer_share", "example_query_share", "top_answer_share", "top_query_share",
+                "question_answer_share"):
         # the worst step of training: a copy that came and went is still reported
         summary[f"train_copy_{key}_max"] = max((r[f"copy/{key}"] for r in train_rows if f"copy/{key}" in r),
                                                default=None)
