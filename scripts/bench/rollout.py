@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 import time
-from contextlib import ExitStack
 
 
 def main() -> int:
@@ -35,23 +34,16 @@ def main() -> int:
 
     from zerosearch.config import load_config
     from zerosearch.models import resolve_model_path
-    from zerosearch.rollout.factory import (
-        build_engine,
-        build_loop,
-        load_samples,
-        start_search,
-        train_sampling,
-    )
+    from zerosearch.rollout.factory import load_samples, train_sampling
     from zerosearch.rollout.loop import encode_prompt, loop_metrics
+    from zerosearch.rollout.stack import build_rollout_stack
     from zerosearch.search import SearchRequest
 
     cfg = load_config("cpu", [f"search.ip=127.0.0.1:{args.port}", f"rollout.n={args.n}", *args.overrides])
     samples = load_samples(cfg, "test")[: args.prompts]
     sampling = train_sampling(cfg)
-    with ExitStack() as stack:
-        engine = build_engine(cfg, stack=stack)
-        search = start_search(cfg, stack)
-        loop = build_loop(cfg, engine, search, stack)
+    with build_rollout_stack(cfg, start_servers=True) as rollout:
+        engine, search, loop = rollout.engine, rollout.search, rollout.loop
         prompts = [encode_prompt(engine.tokenizer, s.prompt) for s in samples]
         engine.generate(prompts[:2], sampling, n=1)  # warm-up
 
