@@ -169,3 +169,16 @@ def test_merged_search_stats_sum_counters_and_keep_the_largest_peak():
     merged = merge_search_stats([{"search/queries": 3.0, "search/max_in_flight": 4.0},
                                  {"search/queries": 2.0, "search/max_in_flight": 2.0, "search/errors": 1.0}])
     assert merged == {"search/queries": 5.0, "search/max_in_flight": 4.0, "search/errors": 1.0}
+
+
+def test_each_step_logs_why_queries_went_to_the_real_engine():
+    from zerosearch.training.driver import search_step_metrics
+
+    before = {"search/queries": 10.0, "search/hybrid_drawn": 2.0, "search/hybrid_low_confidence": 1.0}
+    now = {"search/queries": 18.0, "search/hybrid_drawn": 3.0, "search/hybrid_low_confidence": 5.0,
+           "search/hybrid_refused": 2.0}
+    m = search_step_metrics(before, now)
+    assert (m["search/queries_step"], m["search/queries_total"]) == (8.0, 18.0)
+    assert (m["search/hybrid_drawn_step"], m["search/hybrid_low_confidence_step"],
+            m["search/hybrid_refused_step"]) == (1.0, 4.0, 2.0)
+    assert not any("hybrid" in k for k in search_step_metrics({}, {"search/queries": 1.0}))

@@ -335,7 +335,7 @@ def _train_steps(run: TrainingRun, start_step: int) -> None:
     for step in range(start_step + 1, t.total_steps + 1):
         metrics = train_step(run, step)
         search_now = search_stats(run.workers.actor)
-        metrics.update(_search_metrics(search_before, search_now))
+        metrics.update(search_step_metrics(search_before, search_now))
         metrics.update(run.ledger.step(usage_between(search_before, search_now)))
         search_before = search_now
         if (t.test_freq > 0 and step % t.test_freq == 0) or (step == t.total_steps and t.test_freq != 0):
@@ -350,10 +350,12 @@ def _train_steps(run: TrainingRun, start_step: int) -> None:
             save_checkpoint(run, step)
 
 
-def _search_metrics(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
-    """The step's search counts (`..._step`) and the run's totals so far (`..._total`)."""
-    out = {f"{k}_step": now.get(k, 0) - before.get(k, 0) for k in
-           ("search/queries", "search/prompt_tokens", "search/completion_tokens", "search/errors", "search/retries")}
+def search_step_metrics(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
+    """The step's search counts (`..._step`) and the run's totals so far (`..._total`); with hybrid search also
+    why queries went to the real engine (`search/hybrid_drawn|low_confidence|refused_step`)."""
+    keys = ["search/queries", "search/prompt_tokens", "search/completion_tokens", "search/errors", "search/retries",
+            *sorted(k for k in now if k.startswith("search/hybrid_"))]
+    out = {f"{k}_step": now.get(k, 0) - before.get(k, 0) for k in keys}
     out.update({f"{k}_total": v for k, v in now.items()
                 if k in ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
     return out
