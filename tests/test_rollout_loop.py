@@ -440,5 +440,8 @@ def test_simulate_self_writes_the_documents_with_the_policy_engine(smollm2_token
     assert stats.queries == 2 and len(stats.search_latency_s) == 2
     counts = backend.stats()
     assert counts["search/simulated_queries"] == 2 and counts["search/completion_tokens"] > 0
+    # the engine's time on documents is counted, apart from a served simulator's (which has a price)
+    assert counts["search/self_search_s"] > 0 and counts["search/max_in_flight"] >= 1
+    assert "search/simulator_s" not in counts
     with pytest.raises(Exception, match="inside the agent loop"):
         backend.search([])

@@ -299,6 +299,7 @@ class AgentLoop:
             seed = batch.sampling.seed
             seed = None if seed is None else seed + 7919 * (batch.uid_offset + traj.uid) + traj.turns
             batch.self_searches[request_id] = (traj, request, time.perf_counter(), len(prompt_ids))
+            self.search.submitted()
             self.engine.submit(request_id, prompt_ids, self.search.sampling(seed))
             return
         if isinstance(self.search, HttpBackend):  # its own event loop keeps requests in flight: no thread each

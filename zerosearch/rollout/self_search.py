@@ -29,7 +29,7 @@ class SelfSimulation:
             raise ValueError(f"topk must be >= 1, got {topk}")
         self.topk, self.temperature, self.max_tokens = topk, temperature, max_tokens
         self.templates = load_templates("prompt", template_dir)
-        self._stats = SearchStats(role="simulated")
+        self._stats = SearchStats(role="self")
 
     def prompt_ids(self, tokenizer, request: SearchRequest) -> list[int]:
         """The simulator's chat (empty system message, the filled template as the user turn), as token ids."""
@@ -41,8 +41,14 @@ class SelfSimulation:
     def sampling(self, seed: int | None) -> SamplingSpec:
         return SamplingSpec(temperature=self.temperature, max_tokens=self.max_tokens, stop=[], seed=seed)
 
+    def submitted(self) -> None:
+        """The loop handed one simulator prompt to the engine; `result` ends it (`search/self_search_s`: the wall
+        time with one in flight, shared with the rollouts' own generation)."""
+        self._stats.begin()
+
     def result(self, request: SearchRequest, generation: Generation, prompt_tokens: int) -> SearchResult:
         """What the policy's engine wrote, parsed into documents as the served simulator's reply is."""
+        self._stats.end()
         self._stats.add("search/queries")
         self._stats.add("search/prompt_tokens", prompt_tokens)
         self._stats.add("search/completion_tokens", len(generation.token_ids))

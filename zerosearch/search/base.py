@@ -155,8 +155,9 @@ class SearchStats:
     """Thread-safe cumulative counters, plus the in-flight gauge whose maximum is reported.
 
     ``role`` names what the queries were, for the cost ledger (`zerosearch/ledger.py`): "simulated" adds
-    ``search/simulated_queries`` and ``search/simulator_s`` (wall time with a query in flight); a real
-    engine's name adds ``search/real_queries/<name>``.
+    ``search/simulated_queries`` and ``search/simulator_s`` (wall time with a query in flight); "self" (the
+    policy simulates, ``simulate_self``) adds ``search/simulated_queries`` and ``search/self_search_s``, which
+    no simulator price applies to; a real engine's name adds ``search/real_queries/<name>``.
     """
 
     def __init__(self, role: str = "") -> None:
@@ -178,21 +179,28 @@ class SearchStats:
         with self._lock:
             self._counts[key] = self._counts.get(key, 0.0) + value
 
-    @contextmanager
-    def in_flight(self, n: int = 1):
+    def begin(self, n: int = 1) -> None:
+        """`n` requests went out (`in_flight` for a request that ends elsewhere: call `end` when it does)."""
         with self._lock:
             if self._in_flight == 0:
                 self._busy_since = time.perf_counter()
             self._in_flight += n
             if self._in_flight > self._counts["search/max_in_flight"]:
                 self._counts["search/max_in_flight"] = float(self._in_flight)
+
+    def end(self, n: int = 1) -> None:
+        with self._lock:
+            self._in_flight -= n
+            if self._in_flight == 0:
+                self._counts["search/busy_s"] += time.perf_counter() - self._busy_since
+
+    @contextmanager
+    def in_flight(self, n: int = 1):
+        self.begin(n)
         try:
             yield
         finally:
-            with self._lock:
-                self._in_flight -= n
-                if self._in_flight == 0:
-                    self._counts["search/busy_s"] += time.perf_counter() - self._busy_since
+            self.end(n)
 
     def as_dict(self) -> dict[str, float]:
         with self._lock:
@@ -200,6 +208,9 @@ class SearchStats:
         if self.role == "simulated":
             out["search/simulated_queries"] = out["search/queries"]
             out["search/simulator_s"] = out["search/busy_s"]
+        elif self.role == "self":  # simulated by the policy's own engine: no simulator to pay for
+            out["search/simulated_queries"] = out["search/queries"]
+            out["search/self_search_s"] = out["search/busy_s"]
         elif self.role:
             out[f"search/real_queries/{self.role}"] = out["search/queries"]
         return out

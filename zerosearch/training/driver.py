@@ -352,9 +352,10 @@ def _train_steps(run: TrainingRun, start_step: int) -> None:
 
 def search_step_metrics(before: dict[str, float], now: dict[str, float]) -> dict[str, float]:
     """The step's search counts (`..._step`) and the run's totals so far (`..._total`); with hybrid search also
-    why queries went to the real engine (`search/hybrid_drawn|low_confidence|refused_step`)."""
+    why queries went to the real engine (`search/hybrid_drawn|low_confidence|refused_step`), and with
+    `simulate_self` the time the policy's engine had documents to write (`search/self_search_s_step`)."""
     keys = ["search/queries", "search/prompt_tokens", "search/completion_tokens", "search/errors", "search/retries",
-            *sorted(k for k in now if k.startswith("search/hybrid_"))]
+            *sorted(k for k in now if k.startswith("search/hybrid_") or k == "search/self_search_s")]
     out = {f"{k}_step": now.get(k, 0) - before.get(k, 0) for k in keys}
     out.update({f"{k}_total": v for k, v in now.items()
                 if k in ("search/queries", "search/prompt_tokens", "search/completion_tokens")})
