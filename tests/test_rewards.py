@@ -219,6 +219,17 @@ def test_an_answer_copying_the_prompt_example_earns_no_format_floor():
     assert reward.tolist() == pytest.approx([0.1])
 
 
+def test_an_empty_answer_earns_no_format_floor():
+    """A run (c-hybrid-s1) collapsed to ``<answer> </answer>``: 0.1 format + 0.1 retrieval for no answer at all."""
+    from zerosearch.training.driver import score
+
+    q = "What is the capital of France?"
+    trajs = [_traj(q, answer=a, documents=["Paris is the capital"]) for a in ("", " . ", "the", "Lyon")]
+    reward, _ = score(trajs, "f1", format_score=0.1, retrieval_score=0.1, template=TEMPLATE)
+    assert reward.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.2])
+    assert compute_score("<answer> </answer>", ["Paris"], format_score=0.1)["score"] == 0.0
+
+
 def test_copy_metrics_count_the_example_and_the_most_common_string_once_per_prompt():
     from zerosearch.data import example_for
     from zerosearch.rollout.copying import copy_metrics

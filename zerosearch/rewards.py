@@ -101,15 +101,16 @@ def answer_reward(
     ``score`` is the ``metric`` (F1 or EM against ``golden_answers``) with Search-R1's shaping
     (:func:`shaped_reward`): a ``valid`` answer earns at least ``format_score``, plus ``retrieval_score`` when
     one of the ``documents`` the search backend returned holds a gold answer (``retrieval_hit``). ``valid``
-    defaults to "an answer was given"; the trainer also refuses an answer that copies its prompt's worked
-    example. Returns ``{"score", "f1", "em", "has_answer", "answer", "retrieval_hit"}``.
+    defaults to "an answer was given"; an empty one never is, and the trainer also refuses an answer that
+    copies its prompt's worked example. Returns ``{"score", "f1", "em", "has_answer", "answer", "retrieval_hit"}``.
     """
     if metric not in REWARD_METRICS:
         raise ValueError(f"unknown reward metric {metric!r}; choose one of {', '.join(REWARD_METRICS)}")
     f1 = f1_score(answer, golden_answers)
     em = exact_match(answer, golden_answers)
     hit = retrieval_hit(documents, golden_answers)
-    ok = answer is not None if valid is None else valid
+    # an empty answer (or one of punctuation and articles only) is no answer: it must not buy the format floor
+    ok = (answer is not None if valid is None else valid) and bool(normalize_answer(answer or ""))
     return {
         "score": shaped_reward(f1 if metric == "f1" else em, ok, hit, format_score, retrieval_score),
         "f1": f1,
