@@ -219,6 +219,22 @@ def test_an_answer_copying_the_prompt_example_earns_no_format_floor():
     assert reward.tolist() == pytest.approx([0.1])
 
 
+def test_an_answer_repeating_the_question_earns_nothing():
+    """Runs c-self-s1 and c-sim-s3 collapsed to answering with the question: partial F1 on every "which of A or
+    B" question, plus the floors."""
+    from zerosearch.training.driver import assess, score
+
+    q = "Which film was released earlier, Dead Mine or Witch Story?"
+    trajs = [_traj(q, answer=q, golds=["Witch Story"], documents=["Witch Story is a 1989 film"]),
+             _traj(q, answer="Witch Story", golds=["Witch Story"])]
+    reward, metrics = score(trajs, "f1", format_score=0.1, retrieval_score=0.1, template=TEMPLATE)
+    assert reward.tolist() == pytest.approx([0.0, 1.0])
+    # what is logged stays the plain F1 of what was answered
+    partial = 2 * (2 / 10) / (1 + 2 / 10)  # 2 of the question's 10 normalised words are the gold answer's 2
+    assert assess(trajs, "f1")[0]["f1"] == pytest.approx(partial)
+    assert metrics["reward/f1"] == pytest.approx((partial + 1.0) / 2)
+
+
 def test_an_empty_answer_earns_no_format_floor():
     """A run (c-hybrid-s1) collapsed to ``<answer> </answer>``: 0.1 format + 0.1 retrieval for no answer at all."""
     from zerosearch.training.driver import score

@@ -63,12 +63,20 @@ def assess(trajs: list[Trajectory], metric: str = "f1", format_score: float = 0.
            template: str = "") -> list[dict]:
     """Per trajectory, `rewards.answer_reward` of its answer: the shaped reward (`score`), F1, EM, and whether a
     document the search backend returned held a gold answer (`retrieval_hit`). An answer that copies its
-    prompt's worked example (`template`'s `{example}`) is not valid: it earns neither floor."""
-    from zerosearch.rollout.copying import copies_example
+    prompt's worked example (`template`'s `{example}`) is not valid: it earns neither floor. An answer that
+    repeats the question (`copying.repeats_question`) earns nothing: its F1 on a "which of A or B" question is
+    the credit for naming both, not for choosing (F1 and EM are still logged as they are)."""
+    from zerosearch.rollout.copying import copies_example, repeats_question
 
-    return [answer_reward(t.answer, t.golden_answers, metric, documents=t.documents, format_score=format_score,
-                          retrieval_score=retrieval_score, valid=t.answer is not None and not copies_example(t, template))
-            for t in trajs]
+    rows = []
+    for t in trajs:
+        row = answer_reward(t.answer, t.golden_answers, metric, documents=t.documents, format_score=format_score,
+                            retrieval_score=retrieval_score,
+                            valid=t.answer is not None and not copies_example(t, template))
+        if repeats_question(t):
+            row["score"] = 0.0
+        rows.append(row)
+    return rows
 
 
 def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0, retrieval_score: float = 0.0,
