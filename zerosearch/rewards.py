@@ -145,6 +145,11 @@ _FUNCTION_WORDS = frozenset(
 )
 
 
+def _content_words(text: str) -> list[str]:
+    """The normalised words of `text` without function words."""
+    return [t for t in normalize_answer(text).split() if t not in _FUNCTION_WORDS]
+
+
 def query_overlap(query: str, question: str) -> float:
     """Token F1 between the content words of a search ``query`` and of the ``question`` it serves.
 
@@ -153,8 +158,7 @@ def query_overlap(query: str, question: str) -> float:
     an empty query. The simulated engine's relevance gate (``search.min_query_overlap``) compares it to a
     threshold.
     """
-    q = [t for t in normalize_answer(query).split() if t not in _FUNCTION_WORDS]
-    ref = [t for t in normalize_answer(question).split() if t not in _FUNCTION_WORDS]
+    q, ref = _content_words(query), _content_words(question)
     same = sum((Counter(q) & Counter(ref)).values())
     if same == 0:
         return 0.0
@@ -166,7 +170,7 @@ def query_support(query: str, text: str) -> float:
     """The share of a search ``query``'s content words that ``text`` holds: 1.0 for a name copied from the
     documents a trajectory has already retrieved (the second hop of a two-hop question), 0.0 for an empty
     query. The relevance gate passes a follow-up query with enough of it (``search.min_query_overlap``)."""
-    q = [t for t in normalize_answer(query).split() if t not in _FUNCTION_WORDS]
+    q = _content_words(query)
     if not q:
         return 0.0
     seen = set(normalize_answer(text).split())

@@ -36,6 +36,7 @@ from zerosearch.rewards import normalize_answer
 from zerosearch.rollout.copying import answer_in_question
 from zerosearch.rollout.loop import INFORMATION_PREFIX, INFORMATION_SUFFIX, chat_turn_wrap, encode_prompt
 from zerosearch.search import SearchRequest
+from zerosearch.simulator.records import docs_from_text
 
 logger = logging.getLogger("zerosearch.warmstart")
 SUMMARY_FILE = "warmstart.json"
@@ -140,19 +141,13 @@ def _second_searches(cfg: Config, samples, results, search) -> dict[int, tuple[s
     second: dict[int, tuple[str, str, str]] = {}
     for (i, name), result in zip(wanted, found):
         # the name's own page, first, holds the answer: a chance match in some other document is not a hop
-        title, text = _top_document(result.text)
-        answer, _ = _pick_answer(list(samples[i].golden_answers), text, "")
-        if answer is not None and i not in second and f" {normalize_answer(name)} " in f" {normalize_answer(title)} ":
+        top = docs_from_text(result.text, topk=1)
+        if not top or i in second:
+            continue
+        answer, _ = _pick_answer(list(samples[i].golden_answers), top[0]["text"], "")
+        if answer is not None and f" {normalize_answer(name)} " in f" {normalize_answer(top[0]['title'])} ":
             second[i] = (answer, name, result.text)
     return second
-
-
-def _top_document(documents: str) -> tuple[str, str]:
-    """(title, text) of the first ``Doc 1(Title: …) …`` document of a search result."""
-    parts = _DOC_HEADER.split(documents)
-    first = parts[1] if len(parts) > 1 else documents
-    title, _, text = first.partition(")")
-    return title.strip(), text
 
 
 def _demonstrations(cfg: Config, tokenizer) -> tuple[list[dict], dict[str, int]]:
