@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zerosearch.config import load_config
+from zerosearch.config import ConfigError, load_config
 from zerosearch.curriculum import noise_probability
 from zerosearch.rollout.trajectory import Trajectory
 from zerosearch.training import checkpoint
@@ -750,3 +750,22 @@ def test_google_validation_without_an_api_key_stops_before_anything_starts(tmp_p
     cfg = load_config("cpu", ["search.engine=google", f"trainer.output_dir={tmp_path}"])
     with pytest.raises(ValueError, match="search.engine=google.*SER_API_KEY"):
         train(cfg)
+
+
+def test_reference_in_bf16_holds_bf16_weights_and_close_log_probs(tiny_model_dir):
+    """`model.ref_dtype=bfloat16` loads only the frozen reference in bf16; its log-probs stay within bf16's
+    rounding of the fp32 reference's, and the actor keeps fp32 weights."""
+    from zerosearch.training.workers import ReferenceWorker
+
+    actor = _trainer(tiny_model_dir, "model.ref_dtype=bfloat16")
+    ref16, ref32 = ReferenceWorker(actor.cfg), ReferenceWorker(load_config("cpu", [
+        f"model.path={tiny_model_dir}", "model.autocast_dtype=", "model.gradient_checkpointing=false"]))
+    assert {p.dtype for p in ref16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in ref32.model.parameters()} == {p.dtype for p in actor.model.parameters()} == {torch.float32}
+    trajs = [_traj(p, r, m, uid=i) for i, (p, r, m) in enumerate(TRAJS)]
+    lp16, lp32 = ref16.compute_log_probs(trajs), ref32.compute_log_probs(trajs)
+    assert lp16.dtype == torch.float32
+    assert (lp16 - lp32).abs().max() < 0.05  # bf16 weights: ~3 significant digits
+    assert (lp16 != lp32).any()  # it is another precision, not the same model
+    with pytest.raises(ConfigError, match="model.ref_dtype"):
+        load_config("cpu", ["model.ref_dtype=int8"])

@@ -53,6 +53,9 @@ class ModelConfig:
     empty for none). Master weights, optimizer and the vocabulary head stay in `dtype`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    ref_dtype: str = ""
+    """Parameter dtype of the frozen reference policy (empty: `dtype`). `bfloat16` halves its memory and, on a
+    CPU, skips autocast's cast of every weight in every micro-batch (the frozen weights are not cached)."""
 
 
 @dataclass(frozen=True)
@@ -481,6 +484,7 @@ def validate(cfg: Config) -> None:
     r, a, t, d = cfg.rollout, cfg.algorithm, cfg.trainer, cfg.data
     _validate_search(cfg)
     _one_of(cfg.model.autocast_dtype, ("", "bfloat16", "float16"), "model.autocast_dtype")
+    _one_of(cfg.model.ref_dtype, ("", "float32", "bfloat16", "float16"), "model.ref_dtype")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     _one_of(r.engine, POLICY_ENGINES, "rollout.engine")
     _one_of(r.protocol, ROLLOUT_PROTOCOLS, "rollout.protocol")

@@ -107,14 +107,15 @@ class UpdateStats:
 class _ModelWorker:
     """Shared by the actor, the reference and the critic: a causal LM and batched per-token computation."""
 
-    def __init__(self, cfg: Config, model_path: str | None = None, dist_info: DistInfo | None = None):
+    def __init__(self, cfg: Config, model_path: str | None = None, dist_info: DistInfo | None = None,
+                 dtype: str | None = None):
         setup_threads()
         self.cfg = cfg
         self.device = pick_device(cfg)
         self.dist = dist_info or DistInfo()
         init_distributed(self.dist, self.device)
         self.path = resolve_model_path(model_path or cfg.model.path)
-        self.model = load_causal_lm(self.path, cfg.model.dtype, self.device, cfg.model.gradient_checkpointing)
+        self.model = load_causal_lm(self.path, dtype or cfg.model.dtype, self.device, cfg.model.gradient_checkpointing)
         self.net = self._build_net().to(self.device)
         if self.dist.world > 1:
             shard_fsdp(self.net, self.model, self.device)
@@ -201,7 +202,7 @@ class ReferenceWorker(_ModelWorker):
     """The frozen reference policy for the KL term."""
 
     def __init__(self, cfg: Config, dist_info: DistInfo | None = None):
-        super().__init__(cfg, dist_info=dist_info)
+        super().__init__(cfg, dist_info=dist_info, dtype=cfg.model.ref_dtype or None)
         self.model.requires_grad_(False)
 
 
