@@ -54,8 +54,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     ref_dtype: str = ""
-    """Parameter dtype of the frozen reference policy (empty: `dtype`). `bfloat16` halves its memory and, on a
-    CPU, skips autocast's cast of every weight in every micro-batch (the frozen weights are not cached)."""
+    """Parameter dtype of the frozen reference policy (empty: `dtype`). `bfloat16` halves its weights' memory;
+    on the CPU it was not faster (scripts/bench/passes.py, docs/benchmarks.md)."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ import statistics
 import sys
 import time
 
-# name -> overrides of configs/cpu.yaml on top of W1's (scripts/bench/w1.py)
+from w1 import W1_TRAINING
+
+# name -> overrides of configs/cpu.yaml on top of W1's training settings (scripts/bench/w1.py)
 SETTINGS = {
     "w1 (micro 4 x 1024 tokens)": [],
     "micro 8 x 2048 tokens": ["actor.micro_batch_size=8", "actor.micro_batch_tokens=2048"],
@@ -26,10 +28,7 @@ SETTINGS = {
     "micro 8 x 2048, reference in bf16": ["actor.micro_batch_size=8", "actor.micro_batch_tokens=2048",
                                           "model.ref_dtype=bfloat16"],
 }
-W1 = ["model.gradient_checkpointing=false", "model.dtype=float32", "model.autocast_dtype=bfloat16",
-      "actor.entropy_coeff=0.0", "actor.lr=1e-6", "algorithm.kl_coef=0.001", "actor.ppo_mini_batch_size=32",
-      "rollout.temperature=1.0", "actor.micro_batch_size=4", "actor.micro_batch_tokens=1024",
-      "warmstart.enabled=false"]
+W1 = [f"{k}={v}" for k, v in W1_TRAINING.items()]
 
 
 def trajectories(n: int = 32, seed: int = 0):

@@ -24,6 +24,16 @@ from common import print_phase_table, step_rows
 REPO = Path(__file__).resolve().parents[2]
 NQ = REPO.parent / "shared" / "data" / "qa" / "nq" / "test.jsonl"
 
+# W1's own training settings, not whatever configs/cpu.yaml holds today: no gradient checkpointing (a memory
+# trade-off the main job makes, ~20 % of step time), no entropy bonus (TRL's GRPO has none), no warm-up, fp32
+# master weights with bf16 autocast (zerosearch's CPU training path; TRL runs plain fp32). passes.py uses them too.
+W1_TRAINING = {
+    "model.gradient_checkpointing": False, "model.dtype": "float32", "model.autocast_dtype": "bfloat16",
+    "rollout.temperature": 1.0, "algorithm.kl_coef": 0.001, "actor.lr": 1e-6, "actor.ppo_mini_batch_size": 32,
+    "actor.entropy_coeff": 0.0, "actor.lr_warmup_steps_ratio": 0.0, "actor.micro_batch_size": 4,
+    "actor.micro_batch_tokens": 1024, "warmstart.enabled": False,
+}
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -45,20 +55,14 @@ def main() -> int:
     (work / "corpus.jsonl").write_text(json.dumps({"id": "0", "contents": "unused\nno search in W1"}) + "\n")
     overrides = {
         "data.path": work / "data", "data.prompt_template": "w1_prompt.txt", "data.train_batch_size": 8,
-        "data.shuffle": False, "rollout.engine": args.engine, "rollout.n": 4, "rollout.temperature": 1.0,
-        "rollout.max_turns": 0, "rollout.max_response_length": 128, "rollout.max_total_length": 512,
+        "data.shuffle": False, "rollout.engine": args.engine, "rollout.n": 4, "rollout.max_turns": 0,
+        "rollout.max_response_length": 128, "rollout.max_total_length": 512,
         "search.mode": "wiki", "search.corpus": work / "corpus.jsonl", "algorithm.format_score": 0.0,
-        "algorithm.kl_coef": 0.001, "actor.lr": 1e-6, "actor.ppo_mini_batch_size": 32, "actor.ppo_epochs": 1,
+        "actor.ppo_epochs": 1,
         "trainer.total_steps": args.steps, "trainer.test_freq": 0, "trainer.val_before_train": False,
         "trainer.save_freq": 0, "trainer.output_dir": work / "runs", "trainer.experiment_name": "w1",
         "trainer.logger": "[jsonl]", "trainer.dump_rollouts": False, "trainer.resume": "never",
-        "trainer.final_checkpoint": False,
-        # W1's own settings, not whatever configs/cpu.yaml holds today: no gradient checkpointing (a memory
-        # trade-off the main job makes, ~20 % of step time), no entropy bonus (TRL's GRPO has none), no warm-up,
-        # fp32 master weights with bf16 autocast (zerosearch's CPU training path; TRL runs plain fp32)
-        "model.gradient_checkpointing": False, "model.dtype": "float32", "model.autocast_dtype": "bfloat16",
-        "actor.entropy_coeff": 0.0, "actor.lr_warmup_steps_ratio": 0.0, "data.train_sources": "[]",
-        "actor.micro_batch_size": 4, "actor.micro_batch_tokens": 1024, "warmstart.enabled": False,
+        "trainer.final_checkpoint": False, "data.train_sources": "[]", **W1_TRAINING,
     }
     cfg = load_config("cpu", [f"{k}={v}" for k, v in overrides.items()] + args.overrides)
     summary = train(cfg)
