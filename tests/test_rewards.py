@@ -235,6 +235,23 @@ def test_an_answer_repeating_the_question_earns_nothing():
     assert metrics["reward/f1"] == pytest.approx((partial + 1.0) / 2)
 
 
+def test_an_answer_naming_a_document_header_earns_nothing():
+    """Real-search run rl_real-s2 collapsed to answering "Doc 1" (17 % of held-out answers): the header of the
+    first BM25 document, which collected the format and retrieval floors on every question."""
+    from zerosearch.rollout.copying import copy_metrics, names_document
+    from zerosearch.training.driver import score
+
+    q = "Who directed the film Dead Mine?"
+    docs = ["Doc 1(Title: Dead Mine) Dead Mine is a 2012 film directed by Steven Sheil."]
+    answers = ("Doc 1", "doc 2 (Title: Dead Mine)", "Document 3", "Steven Sheil", "Docklands")
+    trajs = [_traj(q, answer=a, golds=["Steven Sheil"], documents=docs) for a in answers]
+    reward, _ = score(trajs, "f1", format_score=0.1, retrieval_score=0.1, template=TEMPLATE)
+    assert reward.tolist() == pytest.approx([0.0, 0.0, 0.0, 1.0, 0.2])
+    assert copy_metrics(trajs, TEMPLATE)["copy/doc_answer_share"] == pytest.approx(3 / 5)
+    # a gold answer of that shape is still an answer
+    assert not names_document(_traj(q, answer="Doc 1", golds=["Doc 1"]))
+
+
 def test_an_empty_answer_earns_no_format_floor():
     """A run (c-hybrid-s1) collapsed to ``<answer> </answer>``: 0.1 format + 0.1 retrieval for no answer at all."""
     from zerosearch.training.driver import score

@@ -8,6 +8,7 @@ every question); a rise in reward bought that way is not learning. These shares 
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from zerosearch.data import example_for
@@ -62,6 +63,7 @@ def copy_metrics(trajs, template: str, prefix: str = "copy") -> dict[str, float]
         f"{prefix}/top_answer_share": _top_share(answer_groups),
         f"{prefix}/top_query_share": _top_share(query_groups),
         f"{prefix}/question_answer_share": sum(repeats_question(t) for t in answers) / max(len(answers), 1),
+        f"{prefix}/doc_answer_share": sum(names_document(t) for t in answers) / max(len(answers), 1),
     }
 
 
@@ -69,6 +71,19 @@ def repeats_question(traj) -> bool:
     """The answer is (most of) the question itself: it collects the F1 of every answer the question names
     without choosing one, a degenerate answer no single-string check sees (content-word F1 >= 0.8)."""
     return traj.answer is not None and query_overlap(traj.answer, traj.question) >= 0.8
+
+
+# "Doc 1", "doc 2 (Title: ...)", "Document 3": the header `format_docs` puts before each retrieved document.
+_DOC_ANSWER = re.compile(r"\s*doc(?:ument)?\s*\d+\b", re.IGNORECASE)
+
+
+def names_document(traj) -> bool:
+    """The answer is a retrieved document's header ("Doc 1") instead of anything the document says: a
+    degenerate answer the policy converged on against the real engine (17 % of held-out answers in one
+    run). Never an answer itself, unless a gold answer has that shape."""
+    if traj.answer is None or not _DOC_ANSWER.match(traj.answer):
+        return False
+    return not any(_DOC_ANSWER.match(str(g)) for g in traj.golden_answers)
 
 
 def split_metrics(trajs, scores: list[dict], hits: list[bool], prefix: str) -> dict[str, float]:

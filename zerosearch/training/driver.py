@@ -65,15 +65,16 @@ def assess(trajs: list[Trajectory], metric: str = "f1", format_score: float = 0.
     document the search backend returned held a gold answer (`retrieval_hit`). An answer that copies its
     prompt's worked example (`template`'s `{example}`) is not valid: it earns neither floor. An answer that
     repeats the question (`copying.repeats_question`) earns nothing: its F1 on a "which of A or B" question is
-    the credit for naming both, not for choosing (F1 and EM are still logged as they are)."""
-    from zerosearch.rollout.copying import copies_example, repeats_question
+    the credit for naming both, not for choosing (F1 and EM are still logged as they are). Nor does one that
+    names a retrieved document's header instead of its content ("Doc 1", `copying.names_document`)."""
+    from zerosearch.rollout.copying import copies_example, names_document, repeats_question
 
     rows = []
     for t in trajs:
         row = answer_reward(t.answer, t.golden_answers, metric, documents=t.documents, format_score=format_score,
                             retrieval_score=retrieval_score,
                             valid=t.answer is not None and not copies_example(t, template))
-        if repeats_question(t):
+        if repeats_question(t) or names_document(t):
             row["score"] = 0.0
         rows.append(row)
     return rows

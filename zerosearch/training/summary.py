@@ -67,6 +67,7 @@ SUMMARY_KEYS = (
     ("val_copy/top_answer_share", "top_answer_share"),
     ("val_copy/top_query_share", "top_query_share"),
     ("val_copy/question_answer_share", "question_answer_share"),
+    ("val_copy/doc_answer_share", "doc_answer_share"),
 )
 # rows of summary.md
 TABLE_KEYS = (
@@ -78,6 +79,7 @@ TABLE_KEYS = (
     ("val_copy/top_answer_share", "questions sharing the most common answer"),
     ("val_copy/top_query_share", "questions sharing the most common query"),
     ("val_copy/question_answer_share", "answers repeating the question"),
+    ("val_copy/doc_answer_share", "answers naming a document header"),
 )
 
 
@@ -124,7 +126,7 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
         summary[f"heldout_{name}_after"] = after.get(key) if after else None
     train_rows = [r for r in rows if "copy/example_answer_share" in r]
     for key in ("example_answer_share", "example_query_share", "top_answer_share", "top_query_share",
-                "question_answer_share"):
+                "question_answer_share", "doc_answer_share"):
         # the worst step of training: a copy that came and went is still reported
         summary[f"train_copy_{key}_max"] = max((r[f"copy/{key}"] for r in train_rows if f"copy/{key}" in r),
                                                default=None)
