@@ -1,10 +1,29 @@
-"""Shared by the benchmarks: read a run's metrics.jsonl and print its per-phase table."""
+"""Shared by the benchmarks: the machine they ran on, a run's metrics.jsonl and its per-phase table."""
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
 from pathlib import Path
+
+
+def machine() -> str:
+    """One line naming the CPU, its cores and its matrix units: the hosts behind these machines change
+    between sessions (AMD EPYC in some, Intel Xeon with AMX in others), and the timings with them."""
+    model, flags = platform.processor() or "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    units = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{model}, {len(os.sched_getaffinity(0))} cores, {' '.join(units) or 'no AVX-512'}"
 
 
 def step_rows(run_dir: Path) -> list[dict]:

@@ -17,6 +17,7 @@ import statistics
 import sys
 import time
 
+from common import machine
 from w1 import W1_TRAINING
 
 # name -> overrides of configs/cpu.yaml on top of W1's training settings (scripts/bench/w1.py)
@@ -81,6 +82,7 @@ def main() -> int:
                 times[name]["ref"].append(t1 - t0)
                 times[name]["update"].append(t2 - t1)
             print(f"round {rep} {name}: reference {t1 - t0:.2f} s, update {t2 - t1:.2f} s", file=sys.stderr, flush=True)
+    print(f"machine: {machine()}")
     print(f"\nmedian seconds over {args.reps} rounds, 32 trajectories of 40-70 + 128 tokens")
     print("| setting | reference log-probs | actor update | sum |")
     print("|---|---|---|---|")

@@ -19,6 +19,8 @@ import statistics
 import sys
 import time
 
+from common import machine
+
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +100,7 @@ def main() -> int:
     print(f"\n| {'measure':{width}s} | value |\n|{'-' * (width + 2)}|-------|")
     for k, v in rows:
         print(f"| {k:{width}s} | {v} |")
+    print(f"machine: {machine()}")
     print(f"RESULT loop_tokens_per_s={loop_tps:.1f} engine_tokens_per_s={engine_tps:.1f} "
           f"ratio={loop_tps / engine_tps:.3f} overhead_share={overhead:.4f} weight_push_s={push_s:.3f}")
     return 0

@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import print_phase_table, step_rows
+from common import machine, print_phase_table, step_rows
 
 
 def main() -> int:
@@ -43,6 +43,7 @@ def main() -> int:
     medians = print_phase_table(step_rows(run_dir_for(cfg)), "CPU default GRPO step, seconds per phase:")
     step_s, sync_s = medians["timing/step_s"], medians["timing/sync_s"]
     print(f"peak RSS {summary['peak_rss_gib']:.2f} GiB")
+    print(f"machine: {machine()}")
     print(f"RESULT step_s={step_s:.2f} sync_s={sync_s:.3f} sync_share={sync_s / step_s:.4f}")
     return 0
 

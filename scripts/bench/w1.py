@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import print_phase_table, step_rows
+from common import machine, print_phase_table, step_rows
 
 REPO = Path(__file__).resolve().parents[2]
 NQ = REPO.parent / "shared" / "data" / "qa" / "nq" / "test.jsonl"
@@ -48,7 +48,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="zs-w1-"))
     (work / "data").mkdir()
-    rows = [json.loads(line) for line in open(args.nq)][:8]
+    rows = [json.loads(line) for line in Path(args.nq).read_text().splitlines()][:8]
     for split in ("train", "test"):
         with open(work / "data" / f"{split}.jsonl", "w") as f:
             f.writelines(json.dumps({"question": r["question"], "answers": r["answers"]}) + "\n" for r in rows)
@@ -70,6 +70,7 @@ def main() -> int:
     print_phase_table(steps, f"W1 zerosearch ({args.engine} rollouts), seconds per phase and step:")
     median = statistics.median(m["timing/step_s"] for m in steps if 2 <= m["step"] <= 5)
     print(f"peak RSS {summary['peak_rss_gib']:.2f} GiB")
+    print(f"machine: {machine()}")
     print(f"RESULT seconds_per_step={median:.2f}")
     return 0
 

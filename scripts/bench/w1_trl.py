@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import machine
+
 REPO = Path(__file__).resolve().parents[2]
 NQ = REPO.parent / "shared" / "data" / "qa" / "nq" / "test.jsonl"
 PROMPT = "Answer the question. Put the final answer inside <answer> and </answer>. Question: {question}"
@@ -37,7 +39,7 @@ def main() -> int:
     from zerosearch.models import resolve_model_path
     from zerosearch.rewards import extract_answer, f1_score
 
-    rows = [json.loads(line) for line in open(args.nq)][:8]
+    rows = [json.loads(line) for line in Path(args.nq).read_text().splitlines()][:8]
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": PROMPT.format(question=r["question"])}],
                                "answers": r["answers"]} for r in rows])
 
@@ -72,6 +74,7 @@ def main() -> int:
     trainer.train()
     median = statistics.median(timer.times[1:5])
     print(f"peak RSS {timer.peak / 2**30:.2f} GiB")
+    print(f"machine: {machine()}")
     print(f"RESULT trl_seconds_per_step={median:.2f}")
     return 0
 
