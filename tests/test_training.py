@@ -769,32 +769,3 @@ def test_reference_in_bf16_holds_bf16_weights_and_close_log_probs(tiny_model_dir
     assert (lp16 != lp32).any()  # it is another precision, not the same model
     with pytest.raises(ConfigError, match="model.ref_dtype"):
         load_config("cpu", ["model.ref_dtype=int8"])
-
-
-_PAGE_FAULTS = """
-import resource, sys, torch
-from zerosearch.training.distributed import keep_freed_memory, release_memory
-keep_freed_memory(sys.argv[1] == "keep")
-def faults():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(2):  # a 64 MiB tensor, freed at once (glibc settles its heap in two rounds)
-    torch.ones(16 << 20)
-before = faults()
-for _ in range(5):  # what every pass does: the same large tensors again, then `release_memory`
-    torch.ones(16 << 20)
-    release_memory()
-print(faults() - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
-def test_keep_freed_memory_reuses_pages_instead_of_faulting_them_in_again():
-    """`model.keep_freed_memory`: a pass's large tensors come from the pages the pass before freed. Without it
-    each one is a fresh mmap, ~16k page faults per 64 MiB (W1's update: ~3 million a step)."""
-    def faults(mode):
-        out = subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
-
-    default, keep = faults("default"), faults("keep")
-    assert default > 5 * 16_000 * 0.9  # 5 x 64 MiB faulted in again (4 KiB pages)
-    assert keep < default / 10

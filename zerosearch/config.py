@@ -56,11 +56,6 @@ class ModelConfig:
     ref_dtype: str = ""
     """Parameter dtype of the frozen reference policy (empty: `dtype`). `bfloat16` halves its weights' memory;
     on the CPU it was not faster (scripts/bench/passes.py, docs/benchmarks.md)."""
-    keep_freed_memory: bool = False
-    """Linux: each model worker keeps the memory its passes free for the next pass instead of handing it back
-    to the OS (glibc's mmap and trim thresholds at 1 GiB, no `malloc_trim` after a pass). Saves the ~3 million
-    page faults (5-6 s of system time on 2 cores) that W1's update otherwise takes every step, at the price of
-    holding each worker's peak between steps."""
 
 
 @dataclass(frozen=True)

@@ -23,26 +23,10 @@ def pick_device(cfg: Config) -> torch.device:
     return torch.device("cpu")
 
 
-_KEEP_FREED = False
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
-
-
-def keep_freed_memory(keep: bool) -> None:
-    """`model.keep_freed_memory`: from now on glibc serves tensors up to 1 GiB from its heap and keeps what
-    they free there, and `release_memory` does nothing, so a pass reuses the pages of the pass before
-    instead of faulting in fresh ones. Without it every large tensor is an mmap of its own."""
-    global _KEEP_FREED
-    _KEEP_FREED = keep
-    if keep and sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-
-
 def release_memory() -> None:
     """Hand freed heap back to the OS: without it glibc keeps the peak of every update's activations
-    (several GiB for a 135M model on CPU) and the process only grows. Not under `keep_freed_memory`."""
-    if sys.platform.startswith("linux") and not _KEEP_FREED:
+    (several GiB for a 135M model on CPU) and the process only grows."""
+    if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:

@@ -41,7 +41,6 @@ from zerosearch.training.distributed import (
     DistInfo,
     full_tensor,
     init_distributed,
-    keep_freed_memory,
     pick_device,
     release_memory,
     setup_threads,
@@ -111,7 +110,6 @@ class _ModelWorker:
     def __init__(self, cfg: Config, model_path: str | None = None, dist_info: DistInfo | None = None,
                  dtype: str | None = None):
         setup_threads()
-        keep_freed_memory(cfg.model.keep_freed_memory)
         self.cfg = cfg
         self.device = pick_device(cfg)
         self.dist = dist_info or DistInfo()
