@@ -125,8 +125,7 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
         summary[f"heldout_{name}_before"] = before.get(key) if before else None
         summary[f"heldout_{name}_after"] = after.get(key) if after else None
     train_rows = [r for r in rows if "copy/example_answer_share" in r]
-    for key in ("example_answer_share", "example_query_share", "top_answer_share", "top_query_share",
-                "question_answer_share", "doc_answer_share"):
+    for key in (k.removeprefix("val_copy/") for k, _ in SUMMARY_KEYS if k.startswith("val_copy/")):
         # the worst step of training: a copy that came and went is still reported
         summary[f"train_copy_{key}_max"] = max((r[f"copy/{key}"] for r in train_rows if f"copy/{key}" in r),
                                                default=None)
