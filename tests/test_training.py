@@ -480,6 +480,83 @@ def test_bf16_autocast_log_probs_stay_close_to_fp32(tiny_model_dir):
     assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights untouched
 
 
+def _plain_head(h, weight, targets, temperature):
+    logits = torch.nn.functional.linear(h, weight) / temperature  # [N, V]
+    return logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)  # [N]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_vocabulary_head_gradients_match_autograd_in_fp32_and_stay_close_in_bf16(temperature):
+    from zerosearch.training.heads import _HeadLogProbs
+
+    gen = torch.Generator().manual_seed(0)
+    N, H, V = 12, 16, 300
+    h0 = torch.randn(N, H, generator=gen)
+    w0 = torch.randn(V, H, generator=gen) * 0.5
+    targets = torch.randint(0, V, (N,), generator=gen)
+    upstream = torch.randn(N, generator=gen)  # d loss / d lp
+
+    def grads(fn):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        lp = fn(h, w)
+        (lp * upstream).sum().backward()
+        return lp.detach(), h.grad, w.grad
+
+    ref_lp, ref_h, ref_w = grads(lambda h, w: _plain_head(h, w, targets, temperature))
+    lp32, h32, w32 = grads(lambda h, w: _HeadLogProbs.apply(h, w, targets, temperature, None, False)[0])
+    torch.testing.assert_close(lp32, ref_lp, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(h32, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w32, ref_w, rtol=1e-5, atol=1e-6)
+
+    lp16, h16, w16 = grads(lambda h, w: _HeadLogProbs.apply(h, w, targets, temperature, torch.bfloat16, False)[0])
+    torch.testing.assert_close(lp16, ref_lp, rtol=1e-6, atol=1e-6)  # the forward stays fp32
+    assert h16.dtype == w16.dtype == torch.float32
+    assert not torch.equal(h16, ref_h)  # the backward really ran in bf16
+    for got, want in ((h16, ref_h), (w16, ref_w)):
+        assert (got - want).norm() / want.norm() < 0.02
+
+
+def test_vocabulary_head_backward_refuses_a_second_pass():
+    from zerosearch.training.heads import _HeadLogProbs
+
+    h = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(7, 4, requires_grad=True)
+    lp, ent = _HeadLogProbs.apply(h, w, torch.tensor([0, 1, 2]), 1.0, None, True)
+    assert ent.shape == (3,) and not ent.requires_grad
+    lp.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        lp.sum().backward()
+
+
+def test_model_gradients_through_the_head_match_plain_autograd(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from zerosearch.training.heads import TokenLogProbs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    net = TokenLogProbs(model)
+    trajs = [_traj(list(range(10, 30)), list(range(40, 60)), [1] * 10 + [0] * 5 + [1] * 5)]
+    batch = collate(trajs, pad_id=0)
+    from zerosearch.training.heads import selected_inputs
+
+    args, where = selected_inputs(batch, batch.train_mask.bool(), torch.device("cpu"))
+    targets = batch.response_ids[where[0], where[1]]
+
+    def grads(entropy_grad):  # entropy_grad=True takes the plain-autograd head
+        model.zero_grad(set_to_none=True)
+        lp, ent = net(*args, targets, with_entropy=True, temperature=0.6, entropy_grad=entropy_grad)
+        lp.sum().backward()
+        return lp.detach(), ent.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    lp_a, ent_a, g_a = grads(False)
+    lp_b, ent_b, g_b = grads(True)
+    torch.testing.assert_close(lp_a, lp_b, rtol=0, atol=0)
+    torch.testing.assert_close(ent_a, ent_b, rtol=0, atol=0)
+    assert g_a.keys() == g_b.keys()
+    for name in g_a:
+        torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-4, atol=1e-6)
+
+
 def test_summary_reports_heldout_reward_and_scores_before_and_after(tmp_path):
     from zerosearch.training.summary import write_summary
 
