@@ -557,6 +557,35 @@ def test_model_gradients_through_the_head_match_plain_autograd(tiny_model_dir):
         torch.testing.assert_close(g_a[name], g_b[name], rtol=1e-4, atol=1e-6)
 
 
+def test_sdpa_fp32_attention_matches_sdpa_and_runs_its_kernel_in_fp32_under_autocast(tiny_model_dir, monkeypatch):
+    from zerosearch.training.workers import load_causal_lm
+
+    sdpa = load_causal_lm(str(tiny_model_dir), "float32", torch.device("cpu"), attn_implementation="sdpa")
+    fp32 = load_causal_lm(str(tiny_model_dir), "float32", torch.device("cpu"), attn_implementation="sdpa_fp32")
+    ids = torch.randint(5, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :4] = 0  # left padding: the padded row must be masked like SDPA masks it
+    with torch.no_grad():
+        want = sdpa.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = fp32.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=0, atol=0)
+
+    seen = []
+    kernel = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):  # the dtype the kernel ran in: autocast casts inside the op, not before
+        out = kernel(q, k, v, *args, **kwargs)
+        seen.append(out.dtype)
+        return out
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fp32.model(input_ids=ids, attention_mask=mask)
+        sdpa.model(input_ids=ids, attention_mask=mask)
+    n = len(seen) // 2
+    assert n and set(seen[:n]) == {torch.float32} and set(seen[n:]) == {torch.bfloat16}
+
+
 def test_summary_reports_heldout_reward_and_scores_before_and_after(tmp_path):
     from zerosearch.training.summary import write_summary
 

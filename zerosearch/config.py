@@ -53,6 +53,10 @@ class ModelConfig:
     empty for none). Master weights, optimizer and the vocabulary head stay in `dtype`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    attn_implementation: str = "sdpa"
+    """The trainer's attention (actor, reference, critic; vLLM has its own): a transformers implementation
+    (`sdpa`, `eager`, `flash_attention_2` on GPU) or `sdpa_fp32`, torch's SDPA run in fp32 inside bf16 autocast
+    (on the CPU its kernels are faster in fp32 than in bf16, docs/benchmarks.md)."""
     ref_dtype: str = ""
     """Parameter dtype of the frozen reference policy (empty: `dtype`). `bfloat16` halves its weights' memory;
     on the CPU it was not faster (scripts/bench/passes.py, docs/benchmarks.md)."""

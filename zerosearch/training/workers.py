@@ -68,10 +68,26 @@ LossFn = Callable[[Batch, list[int]], tuple[torch.Tensor, dict[str, float]]]
 """`(micro-batch, its rows in the update's trajectories) -> (loss aggregated over its own tokens, metrics)`."""
 
 
-def load_causal_lm(path: str, dtype: str, device: torch.device, gradient_checkpointing: bool = False):
-    from transformers import AutoModelForCausalLM
+def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention with autocast off and q, k, v in fp32; the output back in the input dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    with torch.autocast(query.device.type, enabled=False):
+        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                              **kwargs)
+    return out.to(query.dtype), weights
+
+
+def load_causal_lm(path: str, dtype: str, device: torch.device, gradient_checkpointing: bool = False,
+                   attn_implementation: str = "sdpa"):
+    from transformers import AttentionInterface, AttentionMaskInterface, AutoModelForCausalLM
+    from transformers.masking_utils import sdpa_mask
+
+    if attn_implementation == "sdpa_fp32":  # SDPA's masks too: a name without a mask function gets no mask at all
+        AttentionInterface.register("sdpa_fp32", _sdpa_fp32)
+        AttentionMaskInterface.register("sdpa_fp32", sdpa_mask)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+                                                 attn_implementation=attn_implementation).to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
@@ -115,7 +131,8 @@ class _ModelWorker:
         self.dist = dist_info or DistInfo()
         init_distributed(self.dist, self.device)
         self.path = resolve_model_path(model_path or cfg.model.path)
-        self.model = load_causal_lm(self.path, dtype or cfg.model.dtype, self.device, cfg.model.gradient_checkpointing)
+        self.model = load_causal_lm(self.path, dtype or cfg.model.dtype, self.device, cfg.model.gradient_checkpointing,
+                                    cfg.model.attn_implementation)
         self.net = self._build_net().to(self.device)
         if self.dist.world > 1:
             shard_fsdp(self.net, self.model, self.device)
