@@ -99,6 +99,9 @@ def test_unknown_key_and_bad_type_are_explained():
         load_config("cpu", ["=3"])
     with pytest.raises(ConfigError, match="not found"):
         load_config("no_such_config")
+    with pytest.raises(ConfigError, match="model.attn_implementation.*sdpa_fp32"):  # a typo lists the choices
+        load_config("cpu", ["model.attn_implementation=sdpa32"])
+    assert load_config("cpu").model.attn_implementation == "sdpa_fp32"
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -39,6 +39,7 @@ POLICY_ENGINES = ("vllm", "hf")
 ROLLOUT_PROTOCOLS = ("inline", "chat")
 SIM_SERVER_ENGINES = ("auto", "vllm", "sglang")
 DEVICES = ("auto", "cpu", "cuda")
+ATTN_IMPLEMENTATIONS = ("sdpa", "sdpa_fp32", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 LOGGERS = ("console", "jsonl", "wandb")
 
 
@@ -490,6 +491,7 @@ def validate(cfg: Config) -> None:
     _one_of(cfg.model.autocast_dtype, ("", "bfloat16", "float16"), "model.autocast_dtype")
     _one_of(cfg.model.ref_dtype, ("", "float32", "bfloat16", "float16"), "model.ref_dtype")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+    _one_of(cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
     _one_of(r.engine, POLICY_ENGINES, "rollout.engine")
     _one_of(r.protocol, ROLLOUT_PROTOCOLS, "rollout.protocol")
     _check(r.n >= 1, "rollout.n", f"{r.n} < 1")
