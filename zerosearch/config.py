@@ -51,7 +51,8 @@ class ModelConfig:
     """Parameter dtype for training (float32 on CPU; bfloat16 is typical with FSDP on GPU)."""
     autocast_dtype: str = "bfloat16"
     """Mixed precision for the transformer in log-prob, value and loss passes (`bfloat16`, `float16`, or
-    empty for none). Master weights, optimizer and the vocabulary head stay in `dtype`."""
+    empty for none). Master weights, optimizer and the vocabulary head's forward stay in `dtype`; the head's
+    backward runs in this dtype (docs/differences.md)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     attn_implementation: str = "sdpa"
