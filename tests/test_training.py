@@ -531,14 +531,12 @@ def test_vocabulary_head_backward_refuses_a_second_pass():
 def test_model_gradients_through_the_head_match_plain_autograd(tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from zerosearch.training.heads import TokenLogProbs
+    from zerosearch.training.heads import TokenLogProbs, selected_inputs
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     net = TokenLogProbs(model)
     trajs = [_traj(list(range(10, 30)), list(range(40, 60)), [1] * 10 + [0] * 5 + [1] * 5)]
     batch = collate(trajs, pad_id=0)
-    from zerosearch.training.heads import selected_inputs
-
     args, where = selected_inputs(batch, batch.train_mask.bool(), torch.device("cpu"))
     targets = batch.response_ids[where[0], where[1]]
 

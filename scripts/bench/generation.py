@@ -21,10 +21,10 @@ from common import machine
 
 REPO = Path(__file__).resolve().parents[2]
 NQ = REPO.parent / "shared" / "data" / "qa" / "nq" / "test.jsonl"
-PROMPT = "Answer the question. Put the final answer inside <answer> and </answer>. Question: {question}"
 
 
 def measure(mode: str, questions: list[str], repeats: int) -> dict:
+    from zerosearch.data.qa import build_prompt
     from zerosearch.models import resolve_model_path
     from zerosearch.rollout.engines.base import SamplingSpec
     from zerosearch.rollout.engines.vllm_engine import VLLMEngine
@@ -34,9 +34,8 @@ def measure(mode: str, questions: list[str], repeats: int) -> dict:
                         cpu_kv_cache_gib=0.5, enforce_eager=(mode == "eager"))
     start_s = time.perf_counter() - started
     tok = engine.tokenizer
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT.format(question=q)}],
-                                                  add_generation_prompt=True, tokenize=False),
-                          add_special_tokens=False) for q in questions]
+    prompts = [tok.encode(tok.apply_chat_template(build_prompt(q, "w1_prompt.txt"), add_generation_prompt=True,
+                                                  tokenize=False), add_special_tokens=False) for q in questions]
     spec = SamplingSpec(temperature=1.0, max_tokens=128, stop=["</answer>"])
     rows = []
     try:

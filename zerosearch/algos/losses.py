@@ -179,6 +179,12 @@ def kl_loss(
     return agg_loss(kl_penalty(log_prob, ref_log_prob, kind), mask, agg)
 
 
+def entropy_given_lse(logits: Tensor, lse: Tensor) -> Tensor:
+    """Entropy of the softmax over the last dimension from the logits and their logsumexp ``[...]``, no gradient
+    of its own: for callers that have the logsumexp already."""
+    return lse - (torch.exp(logits - lse.unsqueeze(-1)) * logits).sum(dim=-1)  # [...]
+
+
 class _Entropy(torch.autograd.Function):
     """``H(z) = logsumexp(z) - sum(softmax(z) * z)`` with ``dH/dz = -p * (log p + H)``.
 
@@ -190,7 +196,7 @@ class _Entropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor) -> Tensor:
         lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [..., 1]
-        entropy = lse.squeeze(-1) - (torch.exp(logits - lse) * logits).sum(dim=-1)  # [...]
+        entropy = entropy_given_lse(logits, lse.squeeze(-1))  # [...]
         ctx.save_for_backward(logits, lse, entropy)
         return entropy
 

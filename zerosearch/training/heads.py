@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from zerosearch.algos import entropy_from_logits
+from zerosearch.algos import entropy_from_logits, entropy_given_lse
 from zerosearch.config import Config
 from zerosearch.training.batch import Batch
 
@@ -71,7 +71,7 @@ class _HeadLogProbs(torch.autograd.Function):
             logits = logits.div_(temperature)
         lse = torch.logsumexp(logits, dim=-1)  # [N]
         lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [N]
-        entropy = entropy_from_logits(logits) if with_entropy else None  # [N], no gradient
+        entropy = entropy_given_lse(logits, lse) if with_entropy else None  # [N], no gradient
         ctx.save_for_backward(h, weight, targets, logits, lse)
         ctx.temperature, ctx.grad_dtype, ctx.used = temperature, grad_dtype, False
         if entropy is not None:
