@@ -71,7 +71,15 @@ def main() -> int:
     steps = step_rows(run_dir_for(cfg))
     print_phase_table(steps, f"W1 zerosearch ({args.engine} rollouts), seconds per phase and step:")
     median = statistics.median(m["timing/step_s"] for m in steps if 2 <= m["step"] <= 5)
-    print(f"peak RSS {summary['peak_rss_gib']:.2f} GiB")
+    later = [m for m in steps if 2 <= m["step"] <= 5]
+    # where the generation phase goes: vLLM's own steps, the rest of the rollout loop, and the rest of the phase
+    # (Ray's call into the actor and the trajectories coming back)
+    gen = {k: statistics.median(m[k] for m in later)
+           for k in ("timing/gen_s", "rollout/wall_s", "rollout/engine_s", "rollout/policy_tokens")}
+    print(f"generation phase {gen['timing/gen_s']:.2f} s: vLLM engine steps {gen['rollout/engine_s']:.2f} s, rest of the "
+          f"rollout loop {gen['rollout/wall_s'] - gen['rollout/engine_s']:.2f} s, outside the loop "
+          f"{gen['timing/gen_s'] - gen['rollout/wall_s']:.2f} s; {gen['rollout/policy_tokens']:.0f} tokens generated")
+    print(f"peak RSS {summary['peak_rss_gib']:.2f} GiB, whole run {summary['wall_s']:.0f} s (start-up included)")
     print(f"machine: {machine()}")
     print(f"RESULT seconds_per_step={median:.2f}")
     return 0
