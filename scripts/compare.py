@@ -33,6 +33,9 @@ TRAINED = {
     "fixed_noise": ("ablation: fixed noise 0.25 instead of the 0 -> 0.5 curriculum",
                     ["search.start_threshold=0.25", "search.end_threshold=0.25"]),
     "mask_off": ("ablation: retrieved tokens carry loss", ["algorithm.mask_retrieved_tokens=false"]),
+    # not a row of the paper: what RL learns from a simulator that never fails (zerosearch/search/oracle.py)
+    "rl_oracle": ("diagnostic: RL against a perfect simulator (the corpus's passages, told the answer)",
+                  ["search.mode=oracle_wiki"]),
 }
 UNTRAINED = {
     "untrained_direct": ("untrained: direct answer", "direct"),

@@ -28,6 +28,7 @@ from zerosearch.search import (
     canonical_mode,
     search_modes,
 )
+from zerosearch.rewards import retrieval_hit
 from zerosearch.search.bm25 import BM25Search, CorpusError, passages_to_string
 from zerosearch.search.google import GoogleSearch, format_organic_results
 from zerosearch.search.retriever import RetrieverClient, start_retriever_server
@@ -63,12 +64,12 @@ def small_corpus(tmp_path: Path) -> Path:
 
 
 def test_registry_accepts_upstream_spellings_and_lists_modes() -> None:
-    assert search_modes() == ["google", "hybrid", "simulate_prompt", "simulate_self", "simulate_sft", "wiki"]
+    assert search_modes() == ["google", "hybrid", "oracle_wiki", "simulate_prompt", "simulate_self", "simulate_sft", "wiki"]
     assert canonical_mode("simulate_prompt") == "simulate_prompt"
     assert canonical_mode("SIMULATE-SFT") == "simulate_sft"
     assert canonical_mode(" Wiki ") == "wiki"
     assert canonical_mode("google") == "google"
-    with pytest.raises(ValueError, match="valid modes: google, hybrid, simulate_prompt, simulate_self, simulate_sft, wiki"):
+    with pytest.raises(ValueError, match="valid modes: google, hybrid, oracle_wiki, simulate_prompt, simulate_self, simulate_sft, wiki"):
         build_search_backend("bing")
     with pytest.raises(ValueError, match="corpus=PATH"):
         build_search_backend("wiki")
@@ -96,6 +97,36 @@ def test_bm25_finds_the_passage_of_a_title_in_the_2wiki_corpus() -> None:
         assert result.noisy is None
     stats = backend.stats()
     assert stats["search/queries"] == 4 and stats["search/max_in_flight"] == 4
+
+
+def test_oracle_wiki_puts_an_answer_passage_first_when_useful_and_none_when_noisy(tmp_path: Path) -> None:
+    corpus = _write_jsonl(tmp_path / "corpus.jsonl", [
+        {"id": "0", "contents": "Paris towers\nParis has many towers; the tallest tower in Paris is famous."},
+        {"id": "1", "contents": "Gustave Eiffel\nGustave Eiffel was a French engineer whose company built a tower."},
+        {"id": "2", "contents": "Towers\nA tower is tall: the tallest tower in Paris, the tallest in London."},
+        {"id": "3", "contents": "Rome\nThe Colosseum is an amphitheatre in Rome."},
+    ])
+    oracle = build_search_backend("oracle_wiki", corpus=corpus, topk=2)
+    plain = build_search_backend("wiki", corpus=corpus, topk=2)
+    query = "tallest tower in Paris"
+    gold = ["Gustave Eiffel"]
+    useful, noisy, no_answer = oracle.search([
+        SearchRequest(query=query, golden_answers=gold, noisy=False),
+        SearchRequest(query=query, golden_answers=gold, noisy=True),
+        SearchRequest(query=query, golden_answers=["Napoleon"], noisy=False),
+    ])
+    real = plain.search([SearchRequest(query=query)])[0]
+    assert not retrieval_hit([real.text], gold)  # BM25 alone ranks the answer passage below the top 2
+    assert useful.text.startswith("Doc 1(Title: Gustave Eiffel) ") and retrieval_hit([useful.text], gold)
+    assert useful.text.count("\nDoc ") == 1 and useful.noisy is False and useful.engine == "oracle_wiki"
+    assert not retrieval_hit([noisy.text], gold) and noisy.noisy is True and noisy.text.count("Doc ") == 2
+    assert no_answer.text == real.text  # nothing in the corpus holds the answer: the query's own top 2
+    # a query whose own top 2 holds the answer: noisy documents leave that passage out
+    direct = SearchRequest(query="Gustave Eiffel tower", golden_answers=gold)
+    assert retrieval_hit([plain.search([direct])[0].text], gold)
+    direct.noisy = True
+    assert not retrieval_hit([oracle.search([direct])[0].text], gold)
+    assert oracle.stats()["search/queries"] == 4
 
 
 def test_bm25_reads_all_corpus_formats(small_corpus: Path) -> None:

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-SEARCH_MODES = ("simulate_prompt", "simulate_sft", "simulate_self", "hybrid", "wiki", "google")
+SEARCH_MODES = ("simulate_prompt", "simulate_sft", "simulate_self", "hybrid", "wiki", "google", "oracle_wiki")
 SEARCH_ENGINES = ("wiki", "google")
 SERVED_MODES = ("simulate_prompt", "simulate_sft", "hybrid")
 """The search modes a simulation server answers (`simulate_self` runs in the policy's own engine)."""
@@ -127,7 +127,8 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     mode: str = "simulate_prompt"
-    """SEARCH_MODE: `simulate_prompt` or `simulate_sft` (simulation LLM), `wiki` (local BM25) or `google` (SerpAPI)."""
+    """SEARCH_MODE: `simulate_prompt` or `simulate_sft` (simulation LLM), `wiki` (local BM25) or `google` (SerpAPI);
+    `oracle_wiki` (diagnostic: a perfect simulator made of the corpus's real passages, zerosearch/search/oracle.py)."""
     engine: str = "wiki"
     """SEARCH_ENGINE: the real engine that validation and `zerosearch eval` search with: `wiki` (BM25 over
     `corpus`, or the `retriever_url` server) or `google` (SerpAPI, needs SER_API_KEY), as upstream validates."""
@@ -553,6 +554,9 @@ def _validate_search(cfg: Config) -> None:
            f"{s.max_error_share} is not in [0, 1): the share of a step's searches that may fail before the run stops")
     _check(bool(s.ip.strip()) or not uses_simulation_server(s.mode), "search.ip",
            "a simulated search needs a server address; set IP 127.0.0.1:6001")
+    if s.mode == "oracle_wiki":
+        _check(bool(s.corpus), "search.corpus", "oracle_wiki search needs search.corpus=PATH.jsonl (`default`: the "
+               "bundled 2WikiMultiHopQA corpus); it searches in process, not through search.retriever_url")
     if s.mode == "wiki":
         _check(bool(s.corpus or s.retriever_url), "search.corpus",
                "wiki search needs search.corpus=PATH.jsonl (`default`: the bundled 2WikiMultiHopQA corpus) or "

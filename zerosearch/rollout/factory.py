@@ -56,8 +56,8 @@ def start_search(cfg: Config, stack: ExitStack, log_dir: str | Path | None = Non
         return _simulated(cfg, stack, log_dir, mode, start_servers)
     elif mode == "wiki" and s.retriever_url:
         backend = build_search_backend("wiki", topk=s.topk, retriever_url=s.retriever_url, concurrency=s.concurrency)
-    elif mode == "wiki":
-        backend = build_search_backend("wiki", topk=s.topk, corpus=s.corpus)
+    elif mode in ("wiki", "oracle_wiki"):
+        backend = build_search_backend(mode, topk=s.topk, corpus=s.corpus)
     else:
         backend = build_search_backend(mode, topk=s.topk)
     stack.callback(backend.close)
@@ -87,6 +87,8 @@ def describe_search(cfg: Config, mode: str) -> str:
         return f"wiki: BM25 over {Path(resolve_corpus(s.corpus)).name}"
     if mode == "google":
         return "google: SerpAPI"
+    if mode == "oracle_wiki":
+        return f"oracle_wiki: BM25 over {Path(resolve_corpus(s.corpus)).name}, told the gold answer (a perfect simulator)"
     if mode == "hybrid":
         return f"hybrid: simulation LLM {s.simulation_llm}, and {describe_search(cfg, s.engine)} for routed queries"
     if mode == "simulate_self":

@@ -109,6 +109,7 @@ BACKENDS.lazy("simulate_prompt", "zerosearch.search.simulated")
 BACKENDS.lazy("simulate_sft", "zerosearch.search.simulated")
 BACKENDS.lazy("wiki", "zerosearch.search.retriever")
 BACKENDS.lazy("google", "zerosearch.search.google")
+BACKENDS.lazy("oracle_wiki", "zerosearch.search.oracle")
 BACKENDS.lazy("hybrid", "zerosearch.search.hybrid:HybridSearch")
 BACKENDS.lazy("simulate_self", "zerosearch.rollout.self_search:SelfSimulation")
 
