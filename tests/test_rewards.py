@@ -303,6 +303,23 @@ def test_split_metrics_separate_questions_that_name_their_answer():
     assert (m["val_named/f1"], m["val_open/f1"]) == (1.0, 0.0)
     assert (m["val_named/searches_per_traj"], m["val_open/retrieval_hit"]) == (1.0, 1.0)
     assert m["val_named/questions"] == m["val_open/questions"] == 1.0
+    assert m["val/last_option_f1"] == 0.0  # "Rome" would be the guess; gold is "Paris"
+
+
+def test_last_option_baseline_names_the_last_option_only_of_questions_with_options():
+    from zerosearch.rollout.copying import last_option, split_metrics
+
+    assert last_option("Which film came out first, Jaws or Star Wars?") == "Star Wars"
+    assert last_option("Who died later, Anne of Cleves or Catherine Howard, Queen of England?") == "Catherine Howard, Queen of England"
+    assert last_option("Who is older, A, B or C?") == "C"
+    assert last_option("Where was the director of Rain or Shine born?") is None  # "or" in a title, no options
+    assert last_option("What is the capital of France?") is None
+    trajs = [_traj("Which film came out first, Jaws or Star Wars?", answer="Jaws"),
+             _traj("Which is older, Paris or Rome?", answer="Rome"),
+             _traj("What is the capital of France?", answer="Paris")]
+    trajs[0].golden_answers, trajs[1].golden_answers, trajs[2].golden_answers = ["Star Wars"], ["Paris"], ["Paris"]
+    m = split_metrics(trajs, [t.score() for t in trajs], [False] * 3, "val")
+    assert m["val/last_option_f1"] == pytest.approx(1 / 3)  # the policy's own answers do not enter it
 
 
 def test_query_overlap_scores_content_words_shared_with_the_question():

@@ -12,7 +12,7 @@ import re
 from collections import Counter
 
 from zerosearch.data import example_for
-from zerosearch.rewards import normalize_answer, query_overlap
+from zerosearch.rewards import f1_score, normalize_answer, query_overlap
 
 
 def _norm(text: str | None) -> str:
@@ -33,6 +33,16 @@ def answer_in_question(question: str, golden_answers) -> bool:
     without searching."""
     q = f" {_norm(question)} "
     return any(_norm(g) and f" {_norm(g)} " in q for g in golden_answers)
+
+
+_LAST_OPTION = re.compile(r",[^,]*?\bor\s+([^?]+?)\s*\?\s*$", re.IGNORECASE)
+
+
+def last_option(question: str) -> str | None:
+    """The last option a "Which film came out first, A or B?" question names (None for other questions): what a
+    policy that guesses by position, without searching, would answer."""
+    m = _LAST_OPTION.search(question)
+    return m.group(1).strip() if m else None
 
 
 def _top_share(groups: dict[int, set[str]]) -> float:
@@ -88,8 +98,11 @@ def names_document(traj) -> bool:
 
 def split_metrics(trajs, scores: list[dict], hits: list[bool], prefix: str) -> dict[str, float]:
     """F1, answer rate, searches and retrieval hits for questions whose answer the question names
-    (`{prefix}_named/...`) and for the rest (`{prefix}_open/...`)."""
-    out = {}
+    (`{prefix}_named/...`) and for the rest (`{prefix}_open/...`); and `{prefix}/last_option_f1`, the F1 that
+    naming each question's last option would score (0 for questions without options): a no-search baseline that
+    only position bias in the questions pays for (2Wiki's held-out gold is the last option 71 % of the time)."""
+    out = {f"{prefix}/last_option_f1":
+           sum(f1_score(last_option(t.question) or "", t.golden_answers) for t in trajs) / max(len(trajs), 1)}
     named = [answer_in_question(t.question, t.golden_answers) for t in trajs]
     for part, want in (("named", True), ("open", False)):
         idx = [i for i, x in enumerate(named) if x == want]
