@@ -70,8 +70,8 @@ def main() -> int:
     summary = train(cfg)
     steps = step_rows(run_dir_for(cfg))
     print_phase_table(steps, f"W1 zerosearch ({args.engine} rollouts), seconds per phase and step:")
-    median = statistics.median(m["timing/step_s"] for m in steps if 2 <= m["step"] <= 5)
     later = [m for m in steps if 2 <= m["step"] <= 5]
+    median = statistics.median(m["timing/step_s"] for m in later)
     # where the generation phase goes: vLLM's own steps, the rest of the rollout loop, and the rest of the phase
     # (Ray's call into the actor and the trajectories coming back)
     gen = {k: statistics.median(m[k] for m in later)

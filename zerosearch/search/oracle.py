@@ -31,9 +31,8 @@ class OracleWikiSearch(BM25Search):
 
     def _useful(self, request: SearchRequest, hits: list[dict[str, str]]) -> list[dict[str, str]]:
         answer_queries = [f"{request.query} {a}" for a in request.golden_answers]
-        pools = [*self.retrieve(answer_queries, self.topk * CANDIDATES), [(d, 0.0) for d in hits]]
-        best = next((d for pool in pools for d, _ in pool if retrieval_hit([d["contents"]], request.golden_answers)),
-                    None)
+        answer_hits = [d for row in self.retrieve(answer_queries, self.topk * CANDIDATES) for d, _ in row]
+        best = next((d for d in [*answer_hits, *hits] if retrieval_hit([d["contents"]], request.golden_answers)), None)
         if best is None:
             return hits[: self.topk]
         return [best, *[d for d in hits if d is not best]][: self.topk]
