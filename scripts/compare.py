@@ -99,6 +99,33 @@ def cell(values: list) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+def paired_table(results: dict[str, list[dict]], out: Path, seeds: list[int]) -> str:
+    """Each trained variant's held-out F1 after minus before, and minus the real-engine and no-search variants,
+    question by question with a 95 % bootstrap interval over questions and seeds (`training/paired.py`)."""
+    from zerosearch.training.paired import cell, paired_difference, per_question_f1, val_files
+
+    runs: dict[str, list[tuple[dict, dict]]] = {}
+    for name in results:
+        if name in TRAINED:
+            files = [val_files(out / f"{name}-s{seed}") for seed in seeds]
+            runs[name] = [(per_question_f1(f[0]), per_question_f1(f[1])) for f in files if f]
+    runs = {name: r for name, r in runs.items() if r}
+    if not runs:
+        return ""
+    refs = [ref for ref in ("rl_real", "rl_no_search") if ref in runs]
+    titles = ["variant", "runs", "after − before", "after − before, open questions", *(f"after − {ref} after" for ref in refs)]
+    head = "| " + " | ".join(titles) + " |"
+    lines = [head, "|---" * len(titles) + "|"]
+    for name, pairs in runs.items():
+        before, after = [p[0] for p in pairs], [p[1] for p in pairs]
+        cells = [cell(paired_difference(after, before, paired_seeds=True)),
+                 cell(paired_difference(after, before, subset="open", paired_seeds=True))]
+        cells += ["-" if ref == name else cell(paired_difference(after, [p[1] for p in runs[ref]])) for ref in refs]
+        lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return ("Held-out F1 differences, question by question, with 95 % intervals from a bootstrap over the questions "
+            "and each variant's seeds:\n\n" + "\n".join(lines))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=[*UNTRAINED, *TRAINED], choices=[*UNTRAINED, *TRAINED])
@@ -129,7 +156,7 @@ def main() -> None:
             before = cell([r["before"][key] for r in runs if "before" in r])
             cells.append(after if before == "-" else f"{after} ({before})")
         lines.append(f"| {title} | {len(runs)} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + paired_table(results, args.out, args.seeds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "comparison.md").write_text(table + "\n")
     (args.out / "comparison.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -1,0 +1,67 @@
+"""Paired held-out differences (`training/paired.py`), as `scripts/compare.py` reports them."""
+
+import json
+
+import pytest
+
+from zerosearch.training.paired import paired_difference, per_question_f1, val_files
+
+QUESTIONS = [f"Who directed film number {i}?" for i in range(40)] + \
+            [f"Which film came out first, Alpha{i} or Beta{i}?" for i in range(20)]
+
+
+def run(f1: float | list[float]) -> dict[str, tuple[float, bool]]:
+    scores = f1 if isinstance(f1, list) else [f1] * len(QUESTIONS)
+    return {q: (s, "Beta" in q) for q, s in zip(QUESTIONS, scores)}
+
+
+def test_a_uniform_gain_has_a_tight_interval_and_no_gain_an_interval_at_zero():
+    same = paired_difference([run(0.3)] * 3, [run(0.3)] * 3)
+    assert same["diff"] == 0.0 and same["lo"] == 0.0 and same["hi"] == 0.0
+    gain = paired_difference([run(0.4)] * 3, [run(0.3)] * 3)
+    assert gain["diff"] == pytest.approx(0.1) and gain["lo"] == pytest.approx(0.1) and gain["hi"] == pytest.approx(0.1)
+    assert gain["questions"] == 60 and gain["runs"] == (3, 3)
+
+
+def test_one_lucky_seed_does_not_make_a_gain_look_certain():
+    # seed 1 gains 0.3 on every question, seeds 2 and 3 nothing: the mean gain is 0.1, but a third of the draws of
+    # three seeds miss the lucky one, so the interval reaches zero. A bootstrap over questions alone would not.
+    d = paired_difference([run(0.6), run(0.3), run(0.3)], [run(0.3)] * 3, paired_seeds=True)
+    assert d["diff"] == pytest.approx(0.1)
+    assert d["lo"] == pytest.approx(0.0) and d["hi"] == pytest.approx(0.3)
+
+
+def test_noisy_questions_widen_the_interval_around_the_mean():
+    after = run([1.0 if i % 4 == 0 else 0.0 for i in range(len(QUESTIONS))])  # +1 on a quarter of the questions
+    d = paired_difference([after], [run(0.0)])
+    assert d["diff"] == pytest.approx(0.25)
+    assert 0.1 < d["lo"] < 0.25 < d["hi"] < 0.4
+
+
+def test_subsets_split_named_from_open_questions():
+    scores = [0.0] * 40 + [1.0] * 20  # the 20 "A or B" questions name their answer
+    named = paired_difference([run(scores)], [run(0.0)], subset="named")
+    open_ = paired_difference([run(scores)], [run(0.0)], subset="open")
+    assert (named["diff"], named["questions"]) == (1.0, 20)
+    assert (open_["diff"], open_["questions"]) == (0.0, 40)
+
+
+def test_runs_on_different_questions_are_refused():
+    other = dict(run(0.3))
+    other.pop(QUESTIONS[0])
+    with pytest.raises(ValueError, match="different questions"):
+        paired_difference([run(0.3)], [other])
+    with pytest.raises(ValueError, match="same runs"):
+        paired_difference([run(0.3)] * 2, [run(0.3)], paired_seeds=True)
+
+
+def test_val_files_are_the_first_and_last_step_in_numeric_order(tmp_path):
+    val = tmp_path / "val_rollouts"
+    val.mkdir()
+    for step, f1 in ((0, 0.0), (6, 0.5), (12, 1.0)):
+        row = {"question": "Which film came out first, A or B?", "golden_answers": ["B"], "f1": f1}
+        (val / f"val_step_{step}.jsonl").write_text(json.dumps(row) + "\n")
+    before, after = val_files(tmp_path)
+    assert (before.name, after.name) == ("val_step_0.jsonl", "val_step_12.jsonl")
+    assert per_question_f1(after) == {"Which film came out first, A or B?": (1.0, True)}
+    assert val_files(tmp_path / "missing") is None
