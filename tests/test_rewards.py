@@ -322,6 +322,18 @@ def test_last_option_baseline_names_the_last_option_only_of_questions_with_optio
     assert m["val/last_option_f1"] == pytest.approx(1 / 3)  # the policy's own answers do not enter it
 
 
+def test_swap_options_asks_the_same_question_with_its_two_options_swapped():
+    from zerosearch.rollout.copying import last_option, swap_options
+
+    swapped, a, b = swap_options("Which film came out first, Jaws or Star Wars?")
+    assert (swapped, a, b) == ("Which film came out first, Star Wars or Jaws?", "Jaws", "Star Wars")
+    assert last_option(swapped) == "Jaws" and swap_options(swapped)[0] == "Which film came out first, Jaws or Star Wars?"
+    # a comma inside the last option would be cut in the wrong place: not swapped
+    assert swap_options("Who died later, Anne of Cleves or Catherine Howard, Queen of England?") is None
+    assert swap_options("Where was the director of Rain or Shine born?") is None
+    assert swap_options("What is the capital of France?") is None
+
+
 def test_query_overlap_scores_content_words_shared_with_the_question():
     question = "Who is the mother of the director of film Polish-Russian War?"
     assert query_overlap(question, question) == 1.0

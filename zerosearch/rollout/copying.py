@@ -45,6 +45,20 @@ def last_option(question: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+_OPTIONS = re.compile(r"^(?P<head>.*,\s*)(?P<a>[^,]+?)\s+or\s+(?P<b>[^,?]+?)\s*\?\s*$", re.IGNORECASE)
+
+
+def swap_options(question: str) -> tuple[str, str, str] | None:
+    """"Which film came out first, A or B?" -> ("Which film came out first, B or A?", A, B); None for a question
+    without two such options. The same question with its options swapped tells a policy that reads the documents
+    (the same answer both ways) from one that answers by position."""
+    m = _OPTIONS.match(question.strip())
+    if not m:
+        return None
+    a, b = m.group("a").strip(), m.group("b").strip()
+    return f"{m.group('head')}{b} or {a}?", a, b
+
+
 def _top_share(groups: dict[int, set[str]]) -> float:
     """Share of the prompts whose outputs include the single most common string (each prompt counted once,
     so a group of rollouts agreeing on its own answer is not a copy)."""

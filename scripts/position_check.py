@@ -1,0 +1,104 @@
+"""Does a policy read the documents, or answer "A or B" questions by position? The same questions both ways.
+
+    .venv/bin/python scripts/position_check.py --models NAME=MODEL [NAME=MODEL ...] [--out runs/position]
+        [--limit 100] [key=value ...]
+
+Of the held-out questions that `scripts/compare.py` and every training run validate on (the first `--limit` of
+the bundled test split, `data.val_size`), this takes those of the form "…, A or B?" whose gold answer is A or B,
+and asks each one as written and with its options swapped ("…, B or A?"), with `zerosearch eval --method agent`
+and the real engine (BM25 over the bundled corpus, greedy). A policy that reads its documents answers both the
+same; one that names the last option gets one of each pair right. In the bundled held-out set the gold answer is
+the last option for 35 of 50 such questions, so F1 as written rewards the position guess; the mean of the two
+orderings does not. MODEL: a model folder (`RUN/checkpoints/step_N/actor`, `RUN/warmstart`). A finished
+evaluation (its `predictions.jsonl`) is read, not run again. Prints a markdown table, also written to
+`OUT/position.md` (and `OUT/position.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST = ROOT / "zerosearch" / "data" / "default" / "test.parquet"
+AS_ASKED, SWAPPED = "as_asked", "swapped"
+
+
+def write_questions(out: Path, limit: int) -> int:
+    """OUT/questions/{as_asked,swapped}.jsonl: the "A or B" questions of the first `limit` held-out ones."""
+    import pandas as pd
+
+    from zerosearch.rewards import normalize_answer
+    from zerosearch.rollout.copying import swap_options
+
+    rows = {AS_ASKED: [], SWAPPED: []}
+    for question, golds in zip(*(pd.read_parquet(TEST).head(limit)[c] for c in ("question", "golden_answers"))):
+        swapped = swap_options(question)
+        golds = [str(g) for g in golds]
+        if swapped is None or not {normalize_answer(g) for g in golds} & {normalize_answer(o) for o in swapped[1:]}:
+            continue
+        for name, q in ((AS_ASKED, question), (SWAPPED, swapped[0])):
+            rows[name].append({"question": q, "golden_answers": golds, "data_source": name})
+    (out / "questions").mkdir(parents=True, exist_ok=True)
+    for name, items in rows.items():
+        (out / "questions" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+    return len(rows[AS_ASKED])
+
+
+def evaluate(name: str, model: str, out: Path, extra: list[str]) -> list[dict]:
+    eval_dir = out / name
+    predictions = eval_dir / "predictions.jsonl"
+    if not predictions.exists():
+        cmd = [sys.executable, "-m", "zerosearch.cli", "eval", "--model", model, "--method", "agent", "--data",
+               str(out / "questions" / f"{AS_ASKED}.jsonl"), str(out / "questions" / f"{SWAPPED}.jsonl"),
+               "--output", str(eval_dir), *extra]
+        print("$", " ".join(cmd), flush=True)
+        with open(out / f"{name}.log", "w") as log:
+            if subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT):
+                sys.exit(f"zerosearch eval failed; see {out / f'{name}.log'}")
+    return [json.loads(line) for line in predictions.read_text().splitlines() if line.strip()]
+
+
+def scores(rows: list[dict]) -> dict[str, float]:
+    """F1 as asked, with the options swapped, their mean, and how often the answer is the last option."""
+    from zerosearch.rewards import normalize_answer
+    from zerosearch.rollout.copying import last_option
+
+    out: dict[str, float] = {}
+    for name in (AS_ASKED, SWAPPED):
+        part = [r for r in rows if r["dataset"] == name]
+        out[f"f1_{name}"] = sum(r["f1"] for r in part) / max(len(part), 1)
+        out[f"last_{name}"] = sum(1 for r in part if r["prediction"] and normalize_answer(r["prediction"])
+                                  == normalize_answer(last_option(r["question"]) or "")) / max(len(part), 1)
+        out["n"] = len(part)
+    out["f1_balanced"] = (out[f"f1_{AS_ASKED}"] + out[f"f1_{SWAPPED}"]) / 2
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", required=True, help="NAME=MODEL_FOLDER ...")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "position")
+    parser.add_argument("--limit", type=int, default=100, help="the first N held-out questions (data.val_size)")
+    args, extra = parser.parse_known_args()
+    if any("=" not in m for m in args.models):
+        parser.error("--models takes NAME=MODEL_FOLDER items")
+    models = dict(m.split("=", 1) for m in args.models)
+    n = write_questions(args.out, args.limit)
+    results = {name: scores(evaluate(name, model, args.out, extra)) for name, model in models.items()}
+    head = "| policy | F1 as asked | F1 options swapped | mean of both | answers naming the last option, as asked / swapped |"
+    lines = [head, "|---|---|---|---|---|"]
+    for name, s in results.items():
+        lines.append(f"| {name} | {s['f1_as_asked']:.3f} | {s['f1_swapped']:.3f} | **{s['f1_balanced']:.3f}** | "
+                     f"{s['last_as_asked']:.0%} / {s['last_swapped']:.0%} |")
+    table = f"{n} held-out \"A or B\" questions, each as asked and with its options swapped:\n\n" + "\n".join(lines)
+    (args.out / "position.md").write_text(table + "\n")
+    (args.out / "position.json").write_text(json.dumps(results, indent=1) + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
