@@ -86,8 +86,13 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     if any("=" not in m for m in args.models):
         parser.error("--models takes NAME=MODEL_FOLDER items")
-    models = dict(m.split("=", 1) for m in args.models)
+    # absolute paths: `zerosearch eval` runs in the repository root, wherever this script was started from
+    models = {name: str(Path(model).resolve()) if Path(model).exists() else model
+              for name, model in (m.split("=", 1) for m in args.models)}
+    args.out = args.out.resolve()
     n = write_questions(args.out, args.limit)
+    if not n:
+        parser.error(f"none of the first {args.limit} held-out questions has the form \"..., A or B?\"; raise --limit")
     results = {name: scores(evaluate(name, model, args.out, extra)) for name, model in models.items()}
     head = "| policy | F1 as asked | F1 options swapped | mean of both | answers naming the last option, as asked / swapped |"
     lines = [head, "|---|---|---|---|---|"]
