@@ -164,9 +164,10 @@ def test_grpo_advantages_follow_groups_and_mask():
     cfg = load_config("cpu")
     trajs = [_traj([1], [5, 6, 7], [1, 0, 1], group=g, uid=i) for i, g in enumerate([0, 0, 1, 1])]
     reward = torch.tensor([1.0, 0.0, 0.5, 0.5])
-    adv, _, _ = compute_advantages(cfg, trajs, reward, None, None, None)
+    adv, _, m = compute_advantages(cfg, trajs, reward, None, None, None)
     adv = adv.tolist()  # [B, R]
     assert adv[0][0] > 0 > adv[1][0] and adv[2] == [0.0, 0.0, 0.0]
+    assert m["reward/zero_std_group_share"] == 0.5  # group 1's two rewards are equal: it teaches nothing
     assert adv[0][1] == 0.0  # the observation token gets no advantage
     assert adv[0][0] == pytest.approx(-adv[1][0])
 
@@ -177,8 +178,9 @@ def test_a_trajectory_cut_short_by_a_failed_search_leaves_its_siblings_advantage
     reward = torch.tensor([1.0, 0.0, 0.5, 0.0])
     trajs[3].finish_reason = "error"
     adv, _, _ = compute_advantages(cfg, trajs, reward, None, None, None)
-    without, _, _ = compute_advantages(cfg, trajs[:3], reward[:3], None, None, None)
+    without, _, m = compute_advantages(cfg, trajs[:3], reward[:3], None, None, None)
     assert adv[:3].tolist() == without.tolist()
+    assert m["reward/zero_std_group_share"] == 0.0
     assert adv[3].tolist() == [0.0, 0.0, 0.0]
 
 

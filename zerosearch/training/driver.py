@@ -115,7 +115,18 @@ def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tenso
     groups = [("error", t.uid) if t.finish_reason == "error" else t.group for t in trajs]
     adv, returns = estimator(token_rewards, mask, groups, vals, gamma=a.gamma, lam=a.lam)  # [B, R] x2
     metrics["adv/mean_abs"] = float((adv.abs() * mask).sum() / mask.sum().clamp(min=1))
+    metrics["reward/zero_std_group_share"] = zero_std_group_share(groups, reward)
     return adv, returns, metrics
+
+
+def zero_std_group_share(groups: list, reward: torch.Tensor) -> float:
+    """The share of prompt groups (of two or more trajectories) whose rewards are all equal: GRPO gives them no
+    advantage, so they teach nothing this step (TRL's `frac_reward_zero_std`)."""
+    by_group: dict = {}
+    for g, r in zip(groups, reward.tolist()):
+        by_group.setdefault(g, []).append(r)
+    sized = [rs for rs in by_group.values() if len(rs) > 1]
+    return sum(max(rs) - min(rs) < 1e-6 for rs in sized) / max(len(sized), 1)
 
 
 def search_stats(actor: WorkerGroup) -> dict[str, float]:
