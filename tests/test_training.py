@@ -875,3 +875,70 @@ def test_reference_in_bf16_holds_bf16_weights_and_close_log_probs(tiny_model_dir
     assert (lp16 != lp32).any()  # it is another precision, not the same model
     with pytest.raises(ConfigError, match="model.ref_dtype"):
         load_config("cpu", ["model.ref_dtype=int8"])
+
+
+# --- DAPO's dynamic sampling (`algorithm.filter_groups`) -------------------------------------------------------------
+
+
+def _fake_run(monkeypatch, answers_by_question: dict[str, list[str]], **algorithm):
+    """A TrainingRun stand-in whose rollout answers each question with the given answers (one per rollout):
+    all equal -> the group's rewards are equal; gold is "Paris"."""
+    from types import SimpleNamespace
+
+    from zerosearch.data import PromptSampler
+    from zerosearch.training import driver
+
+    def fake_rollout(actor, samples, p_noisy, step, **kw):
+        trajs = []
+        for g, s in enumerate(samples):
+            for ans in answers_by_question[s]:
+                t = Trajectory(uid=len(trajs), group=g, question=s, golden_answers=["Paris"], prompt_ids=[1],
+                               response_ids=[2, 3], loss_mask=[1, 1])
+                t.answer = ans
+                trajs.append(t)
+        return trajs, {"rollout/answer_rate": 1.0}
+
+    monkeypatch.setattr(driver, "rollout", fake_rollout)
+    questions = list(answers_by_question)
+    cfg = load_config("cpu", [f"algorithm.{k}={v}" for k, v in algorithm.items()] + ["data.train_batch_size=2",
+                      "algorithm.format_score=0", "algorithm.retrieval_score=0"])
+    return SimpleNamespace(cfg=cfg, workers=SimpleNamespace(actor=None), train_samples=questions,
+                           sampler=PromptSampler(len(questions), 2, seed=0, shuffle=False))
+
+
+def test_filter_groups_trains_only_on_groups_whose_rewards_differ(monkeypatch):
+    from zerosearch.training.driver import sample_groups
+    from zerosearch.training.tracking import PhaseTimer
+
+    same, mixed = ["Rome", "Rome"], ["Paris", "Rome"]
+    answers = {"q1": same, "q2": mixed, "q3": same, "q4": same, "q5": mixed, "q6": same}
+    run = _fake_run(monkeypatch, answers, filter_groups=True, max_gen_batches=3)
+    trajs, reward, m, reward_m = sample_groups(run, 0.0, 1, PhaseTimer())
+    # batches (q1, q2), (q3, q4), (q5, q6): q2 and q5 differ; found in the third batch
+    assert [t.question for t in trajs] == ["q2", "q2", "q5", "q5"]
+    assert [t.group for t in trajs] == [0, 0, 1, 1] and [t.uid for t in trajs] == [0, 1, 2, 3]
+    assert reward.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert m["filter/gen_batches"] == 3 and m["filter/kept_groups"] == 2 and m["filter/filled_groups"] == 0
+    assert m["filter/differing_share"] == pytest.approx(2 / 6)
+    assert reward_m["reward/mean"] == pytest.approx(2 / 12)  # every trajectory rolled out, not only the kept ones
+
+
+def test_filter_groups_fills_up_with_equal_groups_after_max_gen_batches(monkeypatch):
+    from zerosearch.training.driver import sample_groups
+    from zerosearch.training.tracking import PhaseTimer
+
+    answers = {"q1": ["Rome"] * 2, "q2": ["Paris", "Rome"], "q3": ["Paris"] * 2, "q4": ["Rome"] * 2}
+    run = _fake_run(monkeypatch, answers, filter_groups=True, max_gen_batches=2)
+    trajs, reward, m, _ = sample_groups(run, 0.0, 1, PhaseTimer())
+    assert [t.question for t in trajs] == ["q2", "q2", "q1", "q1"]  # the differing group first, then a filler
+    assert m["filter/kept_groups"] == 1 and m["filter/filled_groups"] == 1 and m["filter/gen_batches"] == 2
+    # without the filter: the first batch as it came, and no filter metrics
+    run = _fake_run(monkeypatch, answers)
+    trajs, reward, m, _ = sample_groups(run, 0.0, 1, PhaseTimer())
+    assert [t.question for t in trajs] == ["q1", "q1", "q2", "q2"] and "filter/gen_batches" not in m
+    assert run.sampler.position == 2
+
+
+def test_max_gen_batches_below_one_is_refused():
+    with pytest.raises(ConfigError, match="algorithm.max_gen_batches"):
+        load_config("cpu", ["algorithm.max_gen_batches=0"])

@@ -214,6 +214,14 @@ class AlgorithmConfig:
     """KL estimator: `k1`, `k2`, `k3`/`low_var_kl`."""
     mask_retrieved_tokens: bool = True
     """Mask `<information>` tokens out of the loss; False is the ablation."""
+    filter_groups: bool = False
+    """DAPO's dynamic sampling (verl's `algorithm.filter_groups.enable`, on the trajectory reward): train only on
+    prompt groups whose rewards differ, the only ones a group baseline (GRPO, RLOO) learns from, rolling out
+    further batches of `data.train_batch_size` prompts until that many such groups are found."""
+    max_gen_batches: int = 3
+    """With `filter_groups`: at most this many batches rolled out per step (verl's `max_num_gen_batches`). When they
+    hold too few groups with differing rewards the step fills up with groups without (verl stops the run
+    instead), and logs how many (`filter/filled_groups`)."""
 
 
 @dataclass(frozen=True)
@@ -590,6 +598,8 @@ def _validate_updates(cfg: Config) -> None:
         _check(value == -1 or 0 < value < 1, key, f"{value}: use a value in (0, 1), or -1 for actor.clip_ratio")
     _check(act.dual_clip_c == 0 or act.dual_clip_c > 1, "actor.dual_clip_c", "must be 0 (off) or > 1")
     _one_of(act.loss_agg_mode, LOSS_AGG_MODES, "actor.loss_agg_mode")
+    _check(cfg.algorithm.max_gen_batches >= 1, "algorithm.max_gen_batches",
+           f"{cfg.algorithm.max_gen_batches} < 1; use 1 or more batches of prompts per step (3 by default)")
 
 
 def _validate_limits(cfg: Config) -> None:

@@ -414,15 +414,7 @@ def train_step(run: TrainingRun, step: int) -> dict[str, float]:
     # Upstream's index (global_steps starts at 1): step k = 1..T trains with p_noisy(k / T), so the last step
     # trains at END_THRESHOLD. The checkpoint after step k saves step k; a resumed run goes on at k + 1.
     p_noisy = run.curriculum.at(step)
-    batch = [run.train_samples[i] for i in run.sampler.next_batch()]
-    with timer("gen"):
-        trajs, metrics = rollout(workers.actor, batch, p_noisy, step)
-    for t in trajs:  # decided once: actor, critic, advantages and metrics all read `t.train_mask`
-        t.train_observations = not cfg.algorithm.mask_retrieved_tokens
-    with timer("reward"):
-        a = cfg.algorithm
-        reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score,
-                                       cfg.data.prompt_template)
+    trajs, reward, metrics, reward_metrics = sample_groups(run, p_noisy, step, timer)
     if cfg.trainer.dump_rollouts:
         dump_rollouts(run.run_dir / "rollouts" / f"step_{step}.jsonl", trajs, reward)
     shards = split(len(trajs), workers.actor.world)  # equal shares: train() checks that B divides
@@ -444,6 +436,57 @@ def train_step(run: TrainingRun, step: int) -> dict[str, float]:
     metrics.update({"timing/step_s": step_s, "perf/tokens_per_s": tokens / step_s,
                     "perf/sync_share": metrics["timing/sync_s"] / step_s})
     return metrics
+
+
+def sample_groups(run: TrainingRun, p_noisy: float, step: int, timer: PhaseTimer):
+    """Roll out and score a batch of `data.train_batch_size` prompts -> `(trajs, reward [B], rollout metrics,
+    reward metrics)`. With `algorithm.filter_groups` (DAPO's dynamic sampling) only groups whose rewards differ
+    are kept, and further batches are rolled out, up to `algorithm.max_gen_batches`, until there are
+    `train_batch_size` of them; a step that finds too few fills up with the others. The reward metrics are those of
+    every trajectory rolled out, so the training curve is not raised by the filter."""
+    cfg, a = run.cfg, run.cfg.algorithm
+    size = cfg.data.train_batch_size
+    rolled: list[Trajectory] = []
+    rewards: list[torch.Tensor] = []
+    kept: list[list[int]] = []  # each group's indices into `rolled`: rewards that differ
+    spare: list[list[int]] = []  # and rewards all equal
+    metrics: dict[str, float] = {}
+    for n in range(1, (a.max_gen_batches if a.filter_groups else 1) + 1):
+        batch = [run.train_samples[i] for i in run.sampler.next_batch()]
+        with timer("gen"):
+            trajs, m = rollout(run.workers.actor, batch, p_noisy, step)
+        metrics = metrics or m  # the first batch's rollout metrics
+        for t in trajs:  # decided once: actor, critic, advantages and metrics all read `t.train_mask`
+            t.train_observations = not a.mask_retrieved_tokens
+        with timer("reward"):
+            reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score,
+                                           cfg.data.prompt_template)
+        if not a.filter_groups:
+            return trajs, reward, metrics, reward_metrics
+        groups: dict[int, list[int]] = {}
+        for k, t in enumerate(trajs):
+            groups.setdefault(t.group, []).append(len(rolled) + k)
+        rolled += trajs
+        rewards.append(reward)
+        flat = torch.cat(rewards)
+        for members in groups.values():
+            scored = [float(flat[i]) for i in members if rolled[i].finish_reason != "error"]
+            (kept if scored and max(scored) - min(scored) > 1e-6 else spare).append(members)
+        if len(kept) >= size:
+            break
+    chosen = (kept + spare)[:size]
+    trajs = []
+    for g, members in enumerate(chosen):
+        for i in members:
+            rolled[i].group, rolled[i].uid = g, len(trajs)
+            trajs.append(rolled[i])
+    reward = torch.cat(rewards)[[i for members in chosen for i in members]]
+    with timer("reward"):
+        _, reward_metrics = score(rolled, a.reward_metric, a.format_score, a.retrieval_score, cfg.data.prompt_template)
+    metrics.update({"filter/gen_batches": float(n), "filter/kept_groups": float(min(len(kept), size)),
+                    "filter/filled_groups": float(max(size - len(kept), 0)),
+                    "filter/differing_share": len(kept) / max(len(kept) + len(spare), 1)})
+    return trajs, reward, metrics, reward_metrics
 
 
 def _gather(group: WorkerGroup, method: str, parts: list[tuple]) -> torch.Tensor:
