@@ -929,13 +929,14 @@ def test_filter_groups_fills_up_with_equal_groups_after_max_gen_batches(monkeypa
 
     answers = {"q1": ["Rome"] * 2, "q2": ["Paris", "Rome"], "q3": ["Paris"] * 2, "q4": ["Rome"] * 2}
     run = _fake_run(monkeypatch, answers, filter_groups=True, max_gen_batches=2)
-    trajs, reward, m, _ = sample_groups(run, 0.0, 1, PhaseTimer())
+    trajs, _, m, _ = sample_groups(run, 0.0, 1, PhaseTimer())
     assert [t.question for t in trajs] == ["q2", "q2", "q1", "q1"]  # the differing group first, then a filler
     assert m["filter/kept_groups"] == 1 and m["filter/filled_groups"] == 1 and m["filter/gen_batches"] == 2
     # without the filter: the first batch as it came, and no filter metrics
     run = _fake_run(monkeypatch, answers)
     trajs, reward, m, _ = sample_groups(run, 0.0, 1, PhaseTimer())
     assert [t.question for t in trajs] == ["q1", "q1", "q2", "q2"] and "filter/gen_batches" not in m
+    assert reward.tolist() == [0.0, 0.0, 1.0, 0.0]
     assert run.sampler.position == 2
 
 
