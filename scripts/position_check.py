@@ -3,13 +3,14 @@
     .venv/bin/python scripts/position_check.py --models NAME=MODEL [NAME=MODEL ...] [--out runs/position]
         [--limit 100] [key=value ...]
 
-Of the held-out questions that `scripts/compare.py` and every training run validate on (the first `--limit` of
-the bundled test split, `data.val_size`), this takes those of the form "…, A or B?" whose gold answer is A or B,
-and asks each one as written and with its options swapped ("…, B or A?"), with `zerosearch eval --method agent`
-and the real engine (BM25 over the bundled corpus, greedy). A policy that reads its documents answers both the
-same; one that names the last option gets one of each pair right. In the bundled held-out set the gold answer is
-the last option for 35 of 50 such questions, so F1 as written rewards the position guess; the mean of the two
-orderings does not. MODEL: a model folder (`RUN/checkpoints/step_N/actor`, `RUN/warmstart`). A finished
+It asks the held-out questions that `scripts/compare.py` and every training run validate on (the first `--limit`
+of the bundled test split, `data.val_size`) as written, and those of the form "…, A or B?" whose gold answer is A
+or B also with their options swapped ("…, B or A?"), with `zerosearch eval --method agent` and the real engine
+(BM25 over the bundled corpus, greedy). A policy that reads its documents answers both orderings alike; one that
+names the last option gets one of each pair right. In the bundled held-out set the gold answer is the last option
+for 35 of 50 such questions, so F1 as written rewards the position guess; the mean of the two orderings does not.
+The position-balanced F1 over all the held-out questions scores each "A or B" question by that mean.
+MODEL: a model folder (`RUN/checkpoints/step_N/actor`, `RUN/warmstart`). A finished
 evaluation (its `predictions.jsonl`) is read, not run again. Prints a markdown table, also written to
 `OUT/position.md` (and `OUT/position.json`).
 """
@@ -24,28 +25,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST = ROOT / "zerosearch" / "data" / "default" / "test.parquet"
-AS_ASKED, SWAPPED = "as_asked", "swapped"
+HELDOUT, SWAPPED = "heldout", "swapped"
 
 
 def write_questions(out: Path, limit: int) -> int:
-    """OUT/questions/{as_asked,swapped}.jsonl: the "A or B" questions of the first `limit` held-out ones."""
+    """OUT/questions/heldout.jsonl: the first `limit` held-out questions as written; OUT/questions/swapped.jsonl:
+    those of the form "…, A or B?" whose gold answer is A or B, with the options swapped. Returns how many."""
     import pandas as pd
 
     from zerosearch.rewards import normalize_answer
     from zerosearch.rollout.copying import swap_options
 
-    rows = {AS_ASKED: [], SWAPPED: []}
+    rows = {HELDOUT: [], SWAPPED: []}
     for question, golds in zip(*(pd.read_parquet(TEST).head(limit)[c] for c in ("question", "golden_answers"))):
-        swapped = swap_options(question)
         golds = [str(g) for g in golds]
-        if swapped is None or not {normalize_answer(g) for g in golds} & {normalize_answer(o) for o in swapped[1:]}:
-            continue
-        for name, q in ((AS_ASKED, question), (SWAPPED, swapped[0])):
-            rows[name].append({"question": q, "golden_answers": golds, "data_source": name})
+        rows[HELDOUT].append({"question": question, "golden_answers": golds, "data_source": HELDOUT})
+        swapped = swap_options(question)
+        if swapped and {normalize_answer(g) for g in golds} & {normalize_answer(o) for o in swapped[1:]}:
+            rows[SWAPPED].append({"question": swapped[0], "golden_answers": golds, "data_source": SWAPPED})
     (out / "questions").mkdir(parents=True, exist_ok=True)
     for name, items in rows.items():
         (out / "questions" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
-    return len(rows[AS_ASKED])
+    return len(rows[SWAPPED])
 
 
 def evaluate(name: str, model: str, out: Path, extra: list[str]) -> list[dict]:
@@ -53,7 +54,7 @@ def evaluate(name: str, model: str, out: Path, extra: list[str]) -> list[dict]:
     predictions = eval_dir / "predictions.jsonl"
     if not predictions.exists():
         cmd = [sys.executable, "-m", "zerosearch.cli", "eval", "--model", model, "--method", "agent", "--data",
-               str(out / "questions" / f"{AS_ASKED}.jsonl"), str(out / "questions" / f"{SWAPPED}.jsonl"),
+               str(out / "questions" / f"{HELDOUT}.jsonl"), str(out / "questions" / f"{SWAPPED}.jsonl"),
                "--output", str(eval_dir), *extra]
         print("$", " ".join(cmd), flush=True)
         with open(out / f"{name}.log", "w") as log:
@@ -63,18 +64,27 @@ def evaluate(name: str, model: str, out: Path, extra: list[str]) -> list[dict]:
 
 
 def scores(rows: list[dict]) -> dict[str, float]:
-    """F1 as asked, with the options swapped, their mean, and how often the answer is the last option."""
+    """Over the "A or B" questions: F1 as written, with the options swapped, their mean, and how often the answer
+    is the last option. Over every held-out question: F1 as written, and position-balanced (each "A or B"
+    question's F1 the mean of its two orderings)."""
     from zerosearch.rewards import normalize_answer
-    from zerosearch.rollout.copying import last_option
+    from zerosearch.rollout.copying import last_option, swap_options
 
-    out: dict[str, float] = {}
-    for name in (AS_ASKED, SWAPPED):
-        part = [r for r in rows if r["dataset"] == name]
-        out[f"f1_{name}"] = sum(r["f1"] for r in part) / max(len(part), 1)
-        out[f"last_{name}"] = sum(1 for r in part if r["prediction"] and normalize_answer(r["prediction"])
-                                  == normalize_answer(last_option(r["question"]) or "")) / max(len(part), 1)
-        out["n"] = len(part)
-    out["f1_balanced"] = (out[f"f1_{AS_ASKED}"] + out[f"f1_{SWAPPED}"]) / 2
+    def last(part: list[dict]) -> float:
+        return sum(1 for r in part if r["prediction"] and normalize_answer(r["prediction"])
+                   == normalize_answer(last_option(r["question"]) or "")) / max(len(part), 1)
+
+    heldout = [r for r in rows if r["dataset"] == HELDOUT]
+    swapped = {r["question"]: r for r in rows if r["dataset"] == SWAPPED}
+    pairs = [(r, swapped[s[0]]) for r in heldout if (s := swap_options(r["question"])) and s[0] in swapped]
+    n = max(len(pairs), 1)
+    out = {"n": len(pairs), "f1_as_asked": sum(a["f1"] for a, _ in pairs) / n,
+           "f1_swapped": sum(b["f1"] for _, b in pairs) / n,
+           "last_as_asked": last([a for a, _ in pairs]), "last_swapped": last([b for _, b in pairs]),
+           "heldout_f1": sum(r["f1"] for r in heldout) / max(len(heldout), 1)}
+    out["f1_balanced"] = (out["f1_as_asked"] + out["f1_swapped"]) / 2
+    paired = {a["question"]: (a["f1"] + b["f1"]) / 2 for a, b in pairs}
+    out["heldout_f1_balanced"] = sum(paired.get(r["question"], r["f1"]) for r in heldout) / max(len(heldout), 1)
     return out
 
 
@@ -94,12 +104,15 @@ def main() -> None:
     if not n:
         parser.error(f"none of the first {args.limit} held-out questions has the form \"..., A or B?\"; raise --limit")
     results = {name: scores(evaluate(name, model, args.out, extra)) for name, model in models.items()}
-    head = "| policy | F1 as asked | F1 options swapped | mean of both | answers naming the last option, as asked / swapped |"
-    lines = [head, "|---|---|---|---|---|"]
+    head = ("| policy | \"A or B\": F1 as written | F1 options swapped | mean of both | answers naming the last option, "
+            "as written / swapped | all held-out: F1 as written | position-balanced F1 |")
+    lines = [head, "|---" * 7 + "|"]
     for name, s in results.items():
         lines.append(f"| {name} | {s['f1_as_asked']:.3f} | {s['f1_swapped']:.3f} | **{s['f1_balanced']:.3f}** | "
-                     f"{s['last_as_asked']:.0%} / {s['last_swapped']:.0%} |")
-    table = f"{n} held-out \"A or B\" questions, each as asked and with its options swapped:\n\n" + "\n".join(lines)
+                     f"{s['last_as_asked']:.0%} / {s['last_swapped']:.0%} | {s['heldout_f1']:.3f} | "
+                     f"**{s['heldout_f1_balanced']:.3f}** |")
+    table = (f"{args.limit} held-out questions as written, and the {n} \"A or B\" ones among them also with their "
+             "options swapped:\n\n" + "\n".join(lines))
     (args.out / "position.md").write_text(table + "\n")
     (args.out / "position.json").write_text(json.dumps(results, indent=1) + "\n")
     print(table)
