@@ -7,8 +7,10 @@ Every trained variant is `zerosearch train --config cpu` with its overrides (and
 here, e.g. `trainer.total_steps=24`); each validates with greedy rollouts through BM25 over the bundled corpus on
 the bundled held-out 2WikiMultiHopQA questions, before and after training (`summary.json`). The untrained rows are
 `zerosearch eval` on the same questions. A finished run (its `summary.json` exists) is read, not run again, so
-the script can be stopped and started. It prints one markdown table (mean and spread over the seeds) and writes
-it to `OUT/comparison.md` with every run's numbers in `OUT/comparison.json`.
+the script can be stopped and started. It prints two markdown tables, written to `OUT/comparison.md` (every run's
+numbers in `OUT/comparison.json`): each variant's mean and spread over the seeds, and its held-out F1 differences
+question by question (after − before, and against real-engine and no-search RL) with 95 % bootstrap intervals over
+the questions and the seeds (`training/paired.py`).
 """
 
 from __future__ import annotations
