@@ -23,7 +23,7 @@ UPSTREAM_ARGS = [
 
 def run_launcher(script: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["bash", str(REPO / script), *args], capture_output=True, text=True, timeout=120,
+        ["bash", str(REPO / script), *args], check=False, capture_output=True, text=True, timeout=120,
         env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "HOME": str(Path.home())},
     )
 

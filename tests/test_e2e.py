@@ -57,7 +57,7 @@ def test_rollout_command_with_real_engines(simulator, tmp_path):
            # the untrained model searches only when its prompt shows a worked example (the CPU default's plain
            # prompt relies on the warm-start, which `rollout` does not run)
            "data.prompt_template=policy_prompt_examples.txt"]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 8

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from zerosearch.rewards import retrieval_hit
 from zerosearch.search import (
     NO_INFORMATION,
     SearchBackend,
@@ -28,7 +29,6 @@ from zerosearch.search import (
     canonical_mode,
     search_modes,
 )
-from zerosearch.rewards import retrieval_hit
 from zerosearch.search.bm25 import BM25Search, CorpusError, passages_to_string
 from zerosearch.search.google import GoogleSearch, format_organic_results
 from zerosearch.search.retriever import RetrieverClient, start_retriever_server

@@ -940,6 +940,25 @@ def test_filter_groups_fills_up_with_equal_groups_after_max_gen_batches(monkeypa
     assert run.sampler.position == 2
 
 
+def test_filter_groups_does_not_count_a_failed_search_as_a_differing_reward(monkeypatch):
+    from zerosearch.training import driver
+    from zerosearch.training.tracking import PhaseTimer
+
+    answers = {"q1": ["Rome", "Paris"], "q2": ["Rome", "Paris"]}
+    run = _fake_run(monkeypatch, answers, filter_groups=True, max_gen_batches=1)
+    rollout = driver.rollout
+
+    def with_failed_search(*args, **kw):  # q1's right answer was cut short by a failed search
+        trajs, m = rollout(*args, **kw)
+        trajs[1].finish_reason = "error"
+        return trajs, m
+
+    monkeypatch.setattr(driver, "rollout", with_failed_search)
+    trajs, _, m, _ = driver.sample_groups(run, 0.0, 1, PhaseTimer())
+    assert [t.question for t in trajs] == ["q2", "q2", "q1", "q1"]  # q1 left: Rome alone, so nothing differs
+    assert m["filter/kept_groups"] == 1 and m["filter/filled_groups"] == 1
+
+
 def test_max_gen_batches_below_one_is_refused():
     with pytest.raises(ConfigError, match="algorithm.max_gen_batches"):
         load_config("cpu", ["algorithm.max_gen_batches=0"])

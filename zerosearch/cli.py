@@ -106,7 +106,7 @@ def _cuda_available() -> bool:
         import torch
 
         return torch.cuda.is_available()
-    except Exception:
+    except (ImportError, OSError, RuntimeError):  # no usable torch: no CUDA
         return False
 
 

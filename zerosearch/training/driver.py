@@ -119,6 +119,11 @@ def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tenso
     return adv, returns, metrics
 
 
+def rewards_differ(rewards: list[float]) -> bool:
+    """Whether a group's rewards are not all equal: only then does GRPO give it an advantage to learn from."""
+    return bool(rewards) and max(rewards) - min(rewards) > 1e-6
+
+
 def zero_std_group_share(groups: list, reward: torch.Tensor) -> float:
     """The share of prompt groups (of two or more trajectories) whose rewards are all equal: GRPO gives them no
     advantage, so they teach nothing this step (TRL's `frac_reward_zero_std`)."""
@@ -126,7 +131,7 @@ def zero_std_group_share(groups: list, reward: torch.Tensor) -> float:
     for g, r in zip(groups, reward.tolist()):
         by_group.setdefault(g, []).append(r)
     sized = [rs for rs in by_group.values() if len(rs) > 1]
-    return sum(max(rs) - min(rs) < 1e-6 for rs in sized) / max(len(sized), 1)
+    return sum(not rewards_differ(rs) for rs in sized) / max(len(sized), 1)
 
 
 def search_stats(actor: WorkerGroup) -> dict[str, float]:
@@ -447,10 +452,11 @@ def sample_groups(run: TrainingRun, p_noisy: float, step: int, timer: PhaseTimer
     cfg, a = run.cfg, run.cfg.algorithm
     size = cfg.data.train_batch_size
     rolled: list[Trajectory] = []
-    rewards: list[torch.Tensor] = []
+    rewards: list[float] = []  # of `rolled`
     kept: list[list[int]] = []  # each group's indices into `rolled`: rewards that differ
     spare: list[list[int]] = []  # and rewards all equal
     metrics: dict[str, float] = {}
+    batch_metrics: list[dict[str, float]] = []  # each batch's reward metrics (the batches are the same size)
     for n in range(1, (a.max_gen_batches if a.filter_groups else 1) + 1):
         batch = [run.train_samples[i] for i in run.sampler.next_batch()]
         with timer("gen"):
@@ -463,15 +469,15 @@ def sample_groups(run: TrainingRun, p_noisy: float, step: int, timer: PhaseTimer
                                            cfg.data.prompt_template)
         if not a.filter_groups:
             return trajs, reward, metrics, reward_metrics
+        batch_metrics.append(reward_metrics)
         groups: dict[int, list[int]] = {}
         for k, t in enumerate(trajs):
             groups.setdefault(t.group, []).append(len(rolled) + k)
         rolled += trajs
-        rewards.append(reward)
-        flat = torch.cat(rewards)
-        for members in groups.values():
-            scored = [float(flat[i]) for i in members if rolled[i].finish_reason != "error"]
-            (kept if scored and max(scored) - min(scored) > 1e-6 else spare).append(members)
+        rewards += reward.tolist()
+        for members in groups.values():  # a trajectory cut short by a failed search is no sample of the policy
+            differ = rewards_differ([rewards[i] for i in members if rolled[i].finish_reason != "error"])
+            (kept if differ else spare).append(members)
         if len(kept) >= size:
             break
     chosen = (kept + spare)[:size]
@@ -480,9 +486,8 @@ def sample_groups(run: TrainingRun, p_noisy: float, step: int, timer: PhaseTimer
         for i in members:
             rolled[i].group, rolled[i].uid = g, len(trajs)
             trajs.append(rolled[i])
-    reward = torch.cat(rewards)[[i for members in chosen for i in members]]
-    with timer("reward"):
-        _, reward_metrics = score(rolled, a.reward_metric, a.format_score, a.retrieval_score, cfg.data.prompt_template)
+    reward = torch.tensor([rewards[i] for members in chosen for i in members], dtype=torch.float32)
+    reward_metrics = {k: sum(m[k] for m in batch_metrics) / len(batch_metrics) for k in batch_metrics[0]}
     metrics.update({"filter/gen_batches": float(n), "filter/kept_groups": float(min(len(kept), size)),
                     "filter/filled_groups": float(max(size - len(kept), 0)),
                     "filter/differing_share": len(kept) / max(len(kept) + len(spare), 1)})

@@ -66,5 +66,6 @@ def paired_difference(a: list[dict[str, tuple[float, bool]]], b: list[dict[str, 
             "runs": (len(a), len(b))}
 
 
-def cell(d: dict[str, float] | None) -> str:
-    return "-" if d is None else f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+def cell(d: dict[str, float]) -> str:
+    """A difference and its interval as one table cell: `+0.072 [-0.007, +0.156]`."""
+    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
