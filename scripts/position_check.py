@@ -33,16 +33,14 @@ def write_questions(out: Path, limit: int) -> int:
     those of the form "…, A or B?" whose gold answer is A or B, with the options swapped. Returns how many."""
     import pandas as pd
 
-    from zerosearch.rewards import normalize_answer
-    from zerosearch.rollout.copying import swap_options
+    from zerosearch.rollout.copying import swapped_question
 
     rows = {HELDOUT: [], SWAPPED: []}
     for question, golds in zip(*(pd.read_parquet(TEST).head(limit)[c] for c in ("question", "golden_answers"))):
         golds = [str(g) for g in golds]
         rows[HELDOUT].append({"question": question, "golden_answers": golds, "data_source": HELDOUT})
-        swapped = swap_options(question)
-        if swapped and {normalize_answer(g) for g in golds} & {normalize_answer(o) for o in swapped[1:]}:
-            rows[SWAPPED].append({"question": swapped[0], "golden_answers": golds, "data_source": SWAPPED})
+        if swapped := swapped_question(question, golds):
+            rows[SWAPPED].append({"question": swapped, "golden_answers": golds, "data_source": SWAPPED})
     (out / "questions").mkdir(parents=True, exist_ok=True)
     for name, items in rows.items():
         (out / "questions" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
@@ -64,28 +62,10 @@ def evaluate(name: str, model: str, out: Path, extra: list[str]) -> list[dict]:
 
 
 def scores(rows: list[dict]) -> dict[str, float]:
-    """Over the "A or B" questions: F1 as written, with the options swapped, their mean, and how often the answer
-    is the last option. Over every held-out question: F1 as written, and position-balanced (each "A or B"
-    question's F1 the mean of its two orderings)."""
-    from zerosearch.rewards import normalize_answer
-    from zerosearch.rollout.copying import last_option, swap_options
+    """`copying.position_scores` of one evaluation's predictions (as written, and swapped)."""
+    from zerosearch.rollout.copying import position_scores
 
-    def last(part: list[dict]) -> float:
-        return sum(1 for r in part if r["prediction"] and normalize_answer(r["prediction"])
-                   == normalize_answer(last_option(r["question"]) or "")) / max(len(part), 1)
-
-    heldout = [r for r in rows if r["dataset"] == HELDOUT]
-    swapped = {r["question"]: r for r in rows if r["dataset"] == SWAPPED}
-    pairs = [(r, swapped[s[0]]) for r in heldout if (s := swap_options(r["question"])) and s[0] in swapped]
-    n = max(len(pairs), 1)
-    out = {"n": len(pairs), "f1_as_asked": sum(a["f1"] for a, _ in pairs) / n,
-           "f1_swapped": sum(b["f1"] for _, b in pairs) / n,
-           "last_as_asked": last([a for a, _ in pairs]), "last_swapped": last([b for _, b in pairs]),
-           "heldout_f1": sum(r["f1"] for r in heldout) / max(len(heldout), 1)}
-    out["f1_balanced"] = (out["f1_as_asked"] + out["f1_swapped"]) / 2
-    paired = {a["question"]: (a["f1"] + b["f1"]) / 2 for a, b in pairs}
-    out["heldout_f1_balanced"] = sum(paired.get(r["question"], r["f1"]) for r in heldout) / max(len(heldout), 1)
-    return out
+    return position_scores([r for r in rows if r["dataset"] == HELDOUT], [r for r in rows if r["dataset"] == SWAPPED])
 
 
 def main() -> None:
@@ -108,9 +88,9 @@ def main() -> None:
             "as written / swapped | all held-out: F1 as written | position-balanced F1 |")
     lines = [head, "|---" * 7 + "|"]
     for name, s in results.items():
-        lines.append(f"| {name} | {s['f1_as_asked']:.3f} | {s['f1_swapped']:.3f} | **{s['f1_balanced']:.3f}** | "
-                     f"{s['last_as_asked']:.0%} / {s['last_swapped']:.0%} | {s['heldout_f1']:.3f} | "
-                     f"**{s['heldout_f1_balanced']:.3f}** |")
+        lines.append(f"| {name} | {s['f1_as_written']:.3f} | {s['f1_swapped']:.3f} | **{s['f1_pairs_balanced']:.3f}** | "
+                     f"{s['last_option_as_written']:.0%} / {s['last_option_swapped']:.0%} | {s['f1']:.3f} | "
+                     f"**{s['f1_balanced']:.3f}** |")
     table = (f"{args.limit} held-out questions as written, and the {n} \"A or B\" ones among them also with their "
              "options swapped:\n\n" + "\n".join(lines))
     (args.out / "position.md").write_text(table + "\n")

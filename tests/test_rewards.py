@@ -334,6 +334,37 @@ def test_swap_options_asks_the_same_question_with_its_two_options_swapped():
     assert swap_options("What is the capital of France?") is None
 
 
+def test_swapped_question_only_when_a_gold_answer_is_an_option():
+    from zerosearch.rollout.copying import swapped_question
+
+    q = "Which film came out first, Jaws or Star Wars?"
+    assert swapped_question(q, ["jaws"]) == "Which film came out first, Star Wars or Jaws?"
+    assert swapped_question(q, ["1975"]) is None  # a gold that is neither option: no position to guess
+    assert swapped_question("What is the capital of France?", ["Paris"]) is None
+
+
+def test_position_scores_take_a_last_option_guess_back_to_chance():
+    from zerosearch.rollout.copying import position_scores, swapped_question
+
+    golds = {"Which film came out first, Jaws or Star Wars?": "Jaws",
+             "Who was born first, Ann Smith or Bob Jones?": "Bob Jones", "What is the capital of France?": "Paris"}
+
+    def rows(questions, answer):
+        return [{"question": q, "golden_answers": [golds[o]], "prediction": p, "f1": float(p == golds[o])}
+                for q, o in questions for p in [answer(q)]]
+
+    written = [(q, q) for q in golds]
+    swapped = [(swapped_question(q, [g]), q) for q, g in golds.items() if swapped_question(q, [g])]
+    always_last = lambda q: q.split(" or ")[1].rstrip("?") if " or " in q else "Paris"
+    p = position_scores(rows(written, always_last), rows(swapped, always_last))
+    assert p["pairs"] == 2 and p["f1_as_written"] == 0.5 and p["f1_swapped"] == 0.5
+    assert p["last_option_as_written"] == 1.0 and p["last_option_swapped"] == 1.0
+    assert p["f1"] == pytest.approx(2 / 3) and p["f1_balanced"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+    reads = lambda q: golds.get(q) or next(g for o, g in golds.items() if swapped_question(o, [g]) == q)
+    p = position_scores(rows(written, reads), rows(swapped, reads))
+    assert p["f1_balanced"] == p["f1"] == 1.0 and p["last_option_as_written"] == 0.5
+
+
 def test_query_overlap_scores_content_words_shared_with_the_question():
     question = "Who is the mother of the director of film Polish-Russian War?"
     assert query_overlap(question, question) == 1.0

@@ -818,7 +818,7 @@ def test_validation_metrics_are_named_by_what_was_searched(val_search, prefixes)
         return [t], {"rollout/answer_rate": 1.0, "rollout/searches_per_traj": 1.0}
 
     actor = WorkerGroup(SimpleNamespace(get=lambda refs: refs), [SimpleNamespace(rollout=SimpleNamespace(remote=remote))])
-    cfg = load_config("cpu", [f"trainer.val_search={val_search}"])
+    cfg = load_config("cpu", [f"trainer.val_search={val_search}", "trainer.val_swap_options=false"])
     metrics = validate(actor, ["q"], 8, cfg)
     assert sorted({k.split("/")[0] for k in metrics if k.endswith("/f1") and "_named" not in k
                    and "_open" not in k}) == prefixes
@@ -957,6 +957,38 @@ def test_filter_groups_does_not_count_a_failed_search_as_a_differing_reward(monk
     trajs, _, m, _ = driver.sample_groups(run, 0.0, 1, PhaseTimer())
     assert [t.question for t in trajs] == ["q2", "q2", "q1", "q1"]  # q1 left: Rome alone, so nothing differs
     assert m["filter/kept_groups"] == 1 and m["filter/filled_groups"] == 1
+
+
+def test_validation_with_swapped_options_scores_a_position_guess_at_chance(monkeypatch, tmp_path):
+    from zerosearch.data.qa import QASample
+    from zerosearch.training import driver
+
+    questions = {"Which film came out first, Jaws or Star Wars?": "Star Wars",
+                 "Who was born first, Ann Smith or Bob Jones?": "Bob Jones", "What is the capital of France?": "Paris"}
+    samples = [QASample(q, [g], "2wikimultihopqa", [{"role": "user", "content": f"Question: {q}\n"}], i)
+               for i, (q, g) in enumerate(questions.items())]
+    asked = []
+
+    def last_option_guess(actor, samples, p_noisy, step, validate=False, oracle=False):  # never searches
+        asked.append([s.prompt[0]["content"] for s in samples])
+        trajs = []
+        for i, s in enumerate(samples):
+            t = Trajectory(uid=i, group=i, question=s.question, golden_answers=s.golden_answers, prompt_ids=[1],
+                           response_ids=[2], loss_mask=[1])
+            t.answer = s.question.split(" or ")[1].rstrip("?") if " or " in s.question else "Paris"
+            trajs.append(t)
+        return trajs, {"rollout/answer_rate": 1.0, "rollout/searches_per_traj": 0.0}
+
+    monkeypatch.setattr(driver, "rollout", last_option_guess)
+    cfg = load_config("cpu", ["trainer.val_swap_options=true"])
+    m = driver.validate(None, samples, 6, cfg, tmp_path)
+    assert m["val/f1"] == 1.0  # every gold is the last option as written
+    assert m["val_swapped/f1"] == 0.0 and m["val/f1_balanced"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert m["val/last_option_share"] == m["val_swapped/last_option_share"] == 1.0 and m["val/option_pairs"] == 2
+    assert asked[1] == ["Question: Which film came out first, Star Wars or Jaws?\n",
+                        "Question: Who was born first, Bob Jones or Ann Smith?\n"]  # the prompt asks the swapped one
+    assert (tmp_path / "val_rollouts" / "val_swapped_step_6.jsonl").read_text().count("\n") == 2
+    assert "val/f1_balanced" not in driver.validate(None, samples, 6, load_config("grpo"), None)
 
 
 def test_max_gen_batches_below_one_is_refused():

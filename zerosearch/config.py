@@ -357,6 +357,12 @@ class TrainerConfig:
     """What validation searches: `engine` (the real `search.engine`: metrics `val/...`, the held-out numbers of
     summary.json), `simulator` (the training simulator with useful documents: metrics `val_oracle/...`; its
     prompt holds the gold answer, so these are oracle scores), or `both`."""
+    val_swap_options: bool = False
+    """Also ask the held-out "…, A or B?" questions with their options swapped, and log `val/f1_balanced` (each such
+    question scored by the mean of its two orderings) and how often answers name the last option
+    (`val/last_option_share`, `val_swapped/...`): held-out F1 as written pays a policy that answers by position
+    when the golds lean to one side (70 % last in the bundled 2Wiki set). Costs one rollout of those questions
+    per validation. Upstream has no such metric."""
     resume: str = "auto"
     """`auto`: a named run continues from its newest checkpoint when its saved config.yaml matches this one
     (otherwise the launch stops, listing the differing fields); `never`: start fresh, refused in a directory that

@@ -59,6 +59,40 @@ def swap_options(question: str) -> tuple[str, str, str] | None:
     return f"{m.group('head')}{b} or {a}?", a, b
 
 
+def swapped_question(question: str, golden_answers) -> str | None:
+    """The question with its two options swapped (`swap_options`), when a gold answer is one of them; else None."""
+    swapped = swap_options(question)
+    if swapped is None:
+        return None
+    golds = {normalize_answer(str(g)) for g in golden_answers}
+    return swapped[0] if golds & {normalize_answer(o) for o in swapped[1:]} else None
+
+
+def position_scores(written: list[dict], swapped: list[dict]) -> dict[str, float]:
+    """Rows `{"question", "prediction", "f1"}`: every held-out question as written, and the "A or B" ones among
+    them asked with their options swapped (`swapped_question`). Over those pairs: F1 as written, swapped, their
+    mean, and the share of answers naming the last option each way. Over every question: F1 as written, and
+    position-balanced (each "A or B" question scored by the mean of its two orderings), which a policy that
+    answers by position does not raise."""
+    by_question = {r["question"]: r for r in swapped}
+    pairs = [(r, by_question[s]) for r in written
+             if (s := swapped_question(r["question"], r.get("golden_answers", []))) in by_question]
+
+    def last(part: list[dict]) -> float:
+        return sum(1 for r in part if r["prediction"] is not None
+                   and _norm(r["prediction"]) == _norm(last_option(r["question"]))) / max(len(part), 1)
+
+    n = max(len(pairs), 1)
+    out = {"pairs": float(len(pairs)), "f1_as_written": sum(a["f1"] for a, _ in pairs) / n,
+           "f1_swapped": sum(b["f1"] for _, b in pairs) / n,
+           "last_option_as_written": last([a for a, _ in pairs]), "last_option_swapped": last([b for _, b in pairs]),
+           "f1": sum(r["f1"] for r in written) / max(len(written), 1)}
+    out["f1_pairs_balanced"] = (out["f1_as_written"] + out["f1_swapped"]) / 2
+    balanced = {a["question"]: (a["f1"] + b["f1"]) / 2 for a, b in pairs}
+    out["f1_balanced"] = sum(balanced.get(r["question"], r["f1"]) for r in written) / max(len(written), 1)
+    return out
+
+
 def _top_share(groups: dict[int, set[str]]) -> float:
     """Share of the prompts whose outputs include the single most common string (each prompt counted once,
     so a group of rollouts agreeing on its own answer is not a copy)."""

@@ -24,9 +24,10 @@ from zerosearch.algos import apply_kl_penalty, get_advantage_estimator, outcome_
 from zerosearch.config import Config, ConfigError, save_config, uses_simulation_server
 from zerosearch.curriculum import NoiseCurriculum
 from zerosearch.data import PromptSampler, load_samples
+from zerosearch.data.qa import QASample
 from zerosearch.ledger import Ledger, Prices, usage_between
 from zerosearch.rewards import answer_reward
-from zerosearch.rollout.copying import copy_metrics, split_metrics
+from zerosearch.rollout.copying import copy_metrics, position_scores, split_metrics, swapped_question
 from zerosearch.rollout.trajectory import Trajectory
 from zerosearch.search.base import merge_search_stats
 from zerosearch.search.server import start_simulation_servers
@@ -194,7 +195,48 @@ def validate(actor: WorkerGroup, samples, step: int, cfg: Config, run_dir: str |
         out.update(split_metrics(trajs, assessed, [row["retrieval_hit"] for row in assessed], prefix))
         if run_dir is not None:
             write_rollouts(Path(run_dir) / "val_rollouts" / f"{prefix}_step_{step}.jsonl", trajs, assessed)
+        if cfg.trainer.val_swap_options and not oracle:
+            out.update(validate_swapped(actor, samples, trajs, assessed, step, cfg, run_dir))
     return out
+
+
+def swapped_samples(samples: list[QASample]) -> list[QASample]:
+    """The held-out "…, A or B?" questions whose gold answer is A or B, asked "…, B or A?" (the same prompt, the
+    question in it swapped)."""
+    out = []
+    for s in samples:
+        question = swapped_question(s.question, s.golden_answers)
+        if question is not None:
+            prompt = [{**m, "content": m["content"].replace(s.question, question)} for m in s.prompt]
+            out.append(dataclasses.replace(s, question=question, prompt=prompt))
+    return out
+
+
+def validate_swapped(actor: WorkerGroup, samples, trajs: list[Trajectory], assessed: list[dict], step: int,
+                     cfg: Config, run_dir: str | Path | None) -> dict[str, float]:
+    """`trainer.val_swap_options`: the "A or B" held-out questions again with their options swapped, in a rollout
+    of their own (so `val/...` stays what it is without them). `val/f1_balanced` scores each such question by the
+    mean of its two orderings: a policy that answers by position gains nothing on it (`copying.position_scores`).
+    `val/last_option_share`, `val_swapped/last_option_share`: the answers naming the last option each way."""
+    swapped = swapped_samples(samples)
+    if not swapped:
+        return {}
+    swapped_trajs, _ = rollout(actor, swapped, 0.0, step, validate=True)
+    a = cfg.algorithm
+    swapped_assessed = assess(swapped_trajs, a.reward_metric, a.format_score, a.retrieval_score,
+                              cfg.data.prompt_template)
+    if run_dir is not None:
+        write_rollouts(Path(run_dir) / "val_rollouts" / f"val_swapped_step_{step}.jsonl", swapped_trajs,
+                       swapped_assessed)
+
+    def rows(ts, scored):
+        return [{"question": t.question, "golden_answers": t.golden_answers, "prediction": t.answer, "f1": r["f1"]}
+                for t, r in zip(ts, scored)]
+
+    p = position_scores(rows(trajs, assessed), rows(swapped_trajs, swapped_assessed))
+    return {"val/f1_balanced": p["f1_balanced"], "val/option_pairs": p["pairs"], "val_swapped/f1": p["f1_swapped"],
+            "val/last_option_share": p["last_option_as_written"],
+            "val_swapped/last_option_share": p["last_option_swapped"]}
 
 
 def write_rollouts(path: Path, trajs: list[Trajectory], scores: list[dict] | None = None) -> None:
