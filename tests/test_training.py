@@ -991,6 +991,31 @@ def test_validation_with_swapped_options_scores_a_position_guess_at_chance(monke
     assert "val/f1_balanced" not in driver.validate(None, samples, 6, load_config("grpo"), None)
 
 
+def test_train_both_orders_adds_each_a_or_b_question_swapped():
+    from zerosearch.data import load_samples
+    from zerosearch.rewards import normalize_answer
+    from zerosearch.rollout.copying import last_option, swap_options
+
+    def gold_last(samples):
+        named = [s for s in samples if last_option(s.question)]
+        return sum(normalize_answer(last_option(s.question)) in map(normalize_answer, s.golden_answers)
+                   for s in named), len(named)
+
+    plain = load_config("cpu", ["data.train_sources=[2wikimultihopqa]"])
+    both = load_config("cpu", ["data.train_sources=[2wikimultihopqa]", "data.train_both_orders=true"])
+    once, twice = load_samples(plain, plain.data.train_split), load_samples(both, both.data.train_split)
+    assert twice[: len(once)] == once
+    added = twice[len(once):]
+    last, named = gold_last(twice)
+    assert added and abs(last / named - 0.5) < 0.02  # the gold is the last option half the time
+    assert len({s.index for s in twice}) == len(twice)
+    first = next(s for s in once if swap_options(s.question) and swap_options(s.question)[0] == added[0].question)
+    assert first.golden_answers == added[0].golden_answers and added[0].question in added[0].prompt[0]["content"]
+    assert first.question not in added[0].prompt[0]["content"]
+    test = load_samples(both, both.data.test_split)
+    assert len(test) == len(load_samples(plain, plain.data.test_split))  # held-out questions stay as written
+
+
 def test_max_gen_batches_below_one_is_refused():
     with pytest.raises(ConfigError, match="algorithm.max_gen_batches"):
         load_config("cpu", ["algorithm.max_gen_batches=0"])

@@ -85,6 +85,11 @@ class DataConfig:
     train_sources: list[str] = field(default_factory=list)
     """Train only on rows whose `data_source` is one of these (empty = all rows; a split holding none of them is
     kept whole, with a warning)."""
+    train_both_orders: bool = False
+    """Also train on every "…, A or B?" training question whose gold answer is A or B asked "…, B or A?", so the gold
+    is the last option exactly half the time: naming the last option then earns nothing on average, and only
+    reading the documents pays (the bundled 2Wiki training golds are last 54 % of the time). Upstream has no such
+    option."""
 
 
 @dataclass(frozen=True)

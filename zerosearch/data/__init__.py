@@ -12,7 +12,7 @@ from zerosearch.data.qa import (
     resolve_corpus,
 )
 from zerosearch.data.sampler import PromptSampler
-from zerosearch.data.samples import load_samples, with_prompt_template
+from zerosearch.data.samples import load_samples, swapped_samples, with_prompt_template
 
 __all__ = [
     "DataFormatError",
@@ -26,5 +26,6 @@ __all__ = [
     "load_samples",
     "load_split",
     "resolve_corpus",
+    "swapped_samples",
     "with_prompt_template",
 ]

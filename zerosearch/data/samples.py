@@ -31,7 +31,24 @@ def load_samples(cfg: Config, split: str) -> list[QASample]:
     if cfg.data.prompt_template:
         for sample in samples:
             sample.prompt = build_prompt(sample.question, cfg.data.prompt_template)
+    if cfg.data.train_both_orders and split == cfg.data.train_split:
+        first = max((s.index for s in samples), default=-1) + 1
+        samples += [dataclasses.replace(s, index=first + k) for k, s in enumerate(swapped_samples(samples))]
     return samples
+
+
+def swapped_samples(samples: list[QASample]) -> list[QASample]:
+    """The "…, A or B?" questions whose gold answer is A or B, asked "…, B or A?" (the same prompt with the question
+    in it swapped; `copying.swapped_question`). Others are left out."""
+    from zerosearch.rollout.copying import swapped_question
+
+    out = []
+    for s in samples:
+        question = swapped_question(s.question, s.golden_answers)
+        if question is not None:
+            prompt = [{**m, "content": m["content"].replace(s.question, question)} for m in s.prompt]
+            out.append(dataclasses.replace(s, question=question, prompt=prompt))
+    return out
 
 
 def with_prompt_template(samples: list[QASample], template: str) -> list[QASample]:

@@ -23,11 +23,10 @@ import torch
 from zerosearch.algos import apply_kl_penalty, get_advantage_estimator, outcome_to_token_rewards
 from zerosearch.config import Config, ConfigError, save_config, uses_simulation_server
 from zerosearch.curriculum import NoiseCurriculum
-from zerosearch.data import PromptSampler, load_samples
-from zerosearch.data.qa import QASample
+from zerosearch.data import PromptSampler, load_samples, swapped_samples
 from zerosearch.ledger import Ledger, Prices, usage_between
 from zerosearch.rewards import answer_reward
-from zerosearch.rollout.copying import copy_metrics, position_scores, split_metrics, swapped_question
+from zerosearch.rollout.copying import copy_metrics, position_scores, split_metrics
 from zerosearch.rollout.trajectory import Trajectory
 from zerosearch.search.base import merge_search_stats
 from zerosearch.search.server import start_simulation_servers
@@ -197,18 +196,6 @@ def validate(actor: WorkerGroup, samples, step: int, cfg: Config, run_dir: str |
             write_rollouts(Path(run_dir) / "val_rollouts" / f"{prefix}_step_{step}.jsonl", trajs, assessed)
         if cfg.trainer.val_swap_options and not oracle:
             out.update(validate_swapped(actor, samples, trajs, assessed, step, cfg, run_dir))
-    return out
-
-
-def swapped_samples(samples: list[QASample]) -> list[QASample]:
-    """The held-out "…, A or B?" questions whose gold answer is A or B, asked "…, B or A?" (the same prompt, the
-    question in it swapped)."""
-    out = []
-    for s in samples:
-        question = swapped_question(s.question, s.golden_answers)
-        if question is not None:
-            prompt = [{**m, "content": m["content"].replace(s.question, question)} for m in s.prompt]
-            out.append(dataclasses.replace(s, question=question, prompt=prompt))
     return out
 
 
