@@ -68,11 +68,35 @@ def scores(rows: list[dict]) -> dict[str, float]:
     return position_scores([r for r in rows if r["dataset"] == HELDOUT], [r for r in rows if r["dataset"] == SWAPPED])
 
 
+def paired_table(base: str, rows: dict[str, list[dict]]) -> str:
+    """Position-balanced F1 of each group of models (names `VARIANT-sSEED` group by VARIANT) against group `base`,
+    question by question, with `paired.paired_difference`'s 95 % interval over questions and seeds."""
+    import re
+
+    from zerosearch.training.paired import cell, paired_difference, per_question_balanced
+
+    groups: dict[str, list[dict]] = {}
+    for name, preds in rows.items():
+        balanced = per_question_balanced([r for r in preds if r["dataset"] == HELDOUT],
+                                         [r for r in preds if r["dataset"] == SWAPPED])
+        groups.setdefault(re.sub(r"-s\d+$", "", name), []).append(balanced)
+    if base not in groups:
+        sys.exit(f"--paired {base}: no model is named {base} or {base}-sN")
+    lines = [f"| policy (seeds) | position-balanced F1 | − {base} (95 % interval) |", "|---|---|---|"]
+    for name, runs in groups.items():
+        mean = sum(f1 for run in runs for f1, _ in run.values()) / sum(len(run) for run in runs)
+        d = "-" if name == base else cell(paired_difference(runs, groups[base]))
+        lines.append(f"| {name} ({len(runs)}) | {mean:.3f} | {d} |")
+    return "Question by question, position-balanced:\n\n" + "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", required=True, help="NAME=MODEL_FOLDER ...")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "position")
     parser.add_argument("--limit", type=int, default=100, help="the first N held-out questions (data.val_size)")
+    parser.add_argument("--paired", metavar="BASE", help="also a table of each group of models (NAME-sSEED) against "
+                        "group BASE, question by question, position-balanced, with 95 %% intervals")
     args, extra = parser.parse_known_args()
     if any("=" not in m for m in args.models):
         parser.error("--models takes NAME=MODEL_FOLDER items")
@@ -93,6 +117,8 @@ def main() -> None:
                      f"**{s['f1_balanced']:.3f}** |")
     table = (f"{args.limit} held-out questions as written, and the {n} \"A or B\" ones among them also with their "
              "options swapped:\n\n" + "\n".join(lines))
+    if args.paired:
+        table += "\n\n" + paired_table(args.paired, {n: evaluate(n, m, args.out, extra) for n, m in models.items()})
     (args.out / "position.md").write_text(table + "\n")
     (args.out / "position.json").write_text(json.dumps(results, indent=1) + "\n")
     print(table)

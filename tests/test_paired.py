@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from zerosearch.training.paired import paired_difference, per_question_f1, val_files
+from zerosearch.training.paired import paired_difference, per_question_balanced, per_question_f1, val_files
 
 QUESTIONS = [f"Who directed film number {i}?" for i in range(40)] + \
             [f"Which film came out first, Alpha{i} or Beta{i}?" for i in range(20)]
@@ -65,3 +65,12 @@ def test_val_files_are_the_first_and_last_step_in_numeric_order(tmp_path):
     assert (before.name, after.name) == ("val_step_0.jsonl", "val_step_12.jsonl")
     assert per_question_f1(after) == {"Which film came out first, A or B?": (1.0, True)}
     assert val_files(tmp_path / "missing") is None
+
+
+def test_balanced_per_question_f1_takes_the_mean_of_both_orderings():
+    written = [{"question": "Which film came out first, Jaws or Star Wars?", "golden_answers": ["Star Wars"], "f1": 1.0},
+               {"question": "Who directed Jaws?", "golden_answers": ["Steven Spielberg"], "f1": 0.5}]
+    swapped = [{"question": "Which film came out first, Star Wars or Jaws?", "golden_answers": ["Star Wars"], "f1": 0.0}]
+    got = per_question_balanced(written, swapped)
+    assert got == {"Which film came out first, Jaws or Star Wars?": (0.5, True), "Who directed Jaws?": (0.5, False)}
+    assert per_question_balanced(written, [])["Which film came out first, Jaws or Star Wars?"] == (1.0, True)
