@@ -109,11 +109,13 @@ def main() -> None:
         parser.error(f"none of the first {args.limit} held-out questions has the form \"..., A or B?\"; raise --limit")
     results = {name: scores(evaluate(name, model, args.out, extra)) for name, model in models.items()}
     head = ("| policy | \"A or B\": F1 as written | F1 options swapped | mean of both | answers naming the last option, "
-            "as written / swapped | all held-out: F1 as written | position-balanced F1 |")
-    lines = [head, "|---" * 7 + "|"]
+            "as written / swapped | the same option both ways / rightly | all held-out: F1 as written | "
+            "position-balanced F1 |")
+    lines = [head, "|---" * 8 + "|"]
     for name, s in results.items():
         lines.append(f"| {name} | {s['f1_as_written']:.3f} | {s['f1_swapped']:.3f} | **{s['f1_pairs_balanced']:.3f}** | "
-                     f"{s['last_option_as_written']:.0%} / {s['last_option_swapped']:.0%} | {s['f1']:.3f} | "
+                     f"{s['last_option_as_written']:.0%} / {s['last_option_swapped']:.0%} | "
+                     f"{s['same_option_share']:.0%} / {s['same_option_right_share']:.0%} | {s['f1']:.3f} | "
                      f"**{s['f1_balanced']:.3f}** |")
     table = (f"{args.limit} held-out questions as written, and the {n} \"A or B\" ones among them also with their "
              "options swapped:\n\n" + "\n".join(lines))

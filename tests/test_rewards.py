@@ -360,9 +360,16 @@ def test_position_scores_take_a_last_option_guess_back_to_chance():
     assert p["pairs"] == 2 and p["f1_as_written"] == 0.5 and p["f1_swapped"] == 0.5
     assert p["last_option_as_written"] == 1.0 and p["last_option_swapped"] == 1.0
     assert p["f1"] == pytest.approx(2 / 3) and p["f1_balanced"] == pytest.approx((0.5 + 0.5 + 1) / 3)
+    assert p["same_option_share"] == 0.0  # a position guess never names the same option both ways round
     reads = lambda q: golds.get(q) or next(g for o, g in golds.items() if swapped_question(o, [g]) == q)
     p = position_scores(rows(written, reads), rows(swapped, reads))
     assert p["f1_balanced"] == p["f1"] == 1.0 and p["last_option_as_written"] == 0.5
+    assert p["same_option_share"] == p["same_option_right_share"] == 1.0
+    always_first = lambda q: q.split(", ")[1].split(" or ")[0] if " or " in q else "Paris"
+    same_wrong = lambda q: "Star Wars" if "Jaws" in q else reads(q)
+    assert position_scores(rows(written, always_first), rows(swapped, always_first))["same_option_share"] == 0.0
+    p = position_scores(rows(written, same_wrong), rows(swapped, same_wrong))
+    assert p["same_option_share"] == 1.0 and p["same_option_right_share"] == 0.5
 
 
 def test_query_overlap_scores_content_words_shared_with_the_question():

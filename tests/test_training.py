@@ -985,6 +985,7 @@ def test_validation_with_swapped_options_scores_a_position_guess_at_chance(monke
     assert m["val/f1"] == 1.0  # every gold is the last option as written
     assert m["val_swapped/f1"] == 0.0 and m["val/f1_balanced"] == pytest.approx((0.5 + 0.5 + 1) / 3)
     assert m["val/last_option_share"] == m["val_swapped/last_option_share"] == 1.0 and m["val/option_pairs"] == 2
+    assert m["val/same_option_share"] == m["val/same_option_right_share"] == 0.0
     assert asked[1] == ["Question: Which film came out first, Star Wars or Jaws?\n",
                         "Question: Who was born first, Bob Jones or Ann Smith?\n"]  # the prompt asks the swapped one
     assert (tmp_path / "val_rollouts" / "val_swapped_step_6.jsonl").read_text().count("\n") == 2

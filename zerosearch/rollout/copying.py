@@ -71,7 +71,8 @@ def swapped_question(question: str, golden_answers) -> str | None:
 def position_scores(written: list[dict], swapped: list[dict]) -> dict[str, float]:
     """Rows `{"question", "prediction", "f1"}`: every held-out question as written, and the "A or B" ones among
     them asked with their options swapped (`swapped_question`). Over those pairs: F1 as written, swapped, their
-    mean, and the share of answers naming the last option each way. Over every question: F1 as written, and
+    mean, the share of answers naming the last option each way, and the share naming the same option both ways
+    (and rightly so). Over every question: F1 as written, and
     position-balanced (each "A or B" question scored by the mean of its two orderings), which a policy that
     answers by position does not raise."""
     by_question = {r["question"]: r for r in swapped}
@@ -88,6 +89,11 @@ def position_scores(written: list[dict], swapped: list[dict]) -> dict[str, float
            "last_option_as_written": last([a for a, _ in pairs]), "last_option_swapped": last([b for _, b in pairs]),
            "f1": sum(r["f1"] for r in written) / max(len(written), 1)}
     out["f1_pairs_balanced"] = (out["f1_as_written"] + out["f1_swapped"]) / 2
+    # the same option named both ways round: what reading does, and what a position guess never does
+    same = [(a, b) for a, b in pairs if _norm(a["prediction"]) == _norm(b["prediction"])
+            and _norm(a["prediction"]) in {_norm(o) for o in swap_options(a["question"])[1:]}]
+    out["same_option_share"] = len(same) / n
+    out["same_option_right_share"] = sum(a["f1"] == 1.0 for a, _ in same) / n
     balanced = {a["question"]: (a["f1"] + b["f1"]) / 2 for a, b in pairs}
     out["f1_balanced"] = sum(balanced.get(r["question"], r["f1"]) for r in written) / max(len(written), 1)
     return out

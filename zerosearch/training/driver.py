@@ -204,7 +204,8 @@ def validate_swapped(actor: WorkerGroup, samples, trajs: list[Trajectory], asses
     """`trainer.val_swap_options`: the "A or B" held-out questions again with their options swapped, in a rollout
     of their own (so `val/...` stays what it is without them). `val/f1_balanced` scores each such question by the
     mean of its two orderings: a policy that answers by position gains nothing on it (`copying.position_scores`).
-    `val/last_option_share`, `val_swapped/last_option_share`: the answers naming the last option each way."""
+    `val/last_option_share`, `val_swapped/last_option_share`: the answers naming the last option each way;
+    `val/same_option_share`: the pairs answered with the same option both ways (`..._right_share`: and rightly)."""
     swapped = swapped_samples(samples)
     if not swapped:
         return {}
@@ -223,7 +224,8 @@ def validate_swapped(actor: WorkerGroup, samples, trajs: list[Trajectory], asses
     p = position_scores(rows(trajs, assessed), rows(swapped_trajs, swapped_assessed))
     return {"val/f1_balanced": p["f1_balanced"], "val/option_pairs": p["pairs"], "val_swapped/f1": p["f1_swapped"],
             "val/last_option_share": p["last_option_as_written"],
-            "val_swapped/last_option_share": p["last_option_swapped"]}
+            "val_swapped/last_option_share": p["last_option_swapped"], "val/same_option_share": p["same_option_share"],
+            "val/same_option_right_share": p["same_option_right_share"]}
 
 
 def write_rollouts(path: Path, trajs: list[Trajectory], scores: list[dict] | None = None) -> None:
