@@ -107,7 +107,8 @@ def main() -> None:
     n = write_questions(args.out, args.limit)
     if not n:
         parser.error(f"none of the first {args.limit} held-out questions has the form \"..., A or B?\"; raise --limit")
-    results = {name: scores(evaluate(name, model, args.out, extra)) for name, model in models.items()}
+    predictions = {name: evaluate(name, model, args.out, extra) for name, model in models.items()}
+    results = {name: scores(rows) for name, rows in predictions.items()}
     head = ("| policy | \"A or B\": F1 as written | F1 options swapped | mean of both | answers naming the last option, "
             "as written / swapped | the same option both ways / rightly | all held-out: F1 as written | "
             "position-balanced F1 |")
@@ -120,7 +121,7 @@ def main() -> None:
     table = (f"{args.limit} held-out questions as written, and the {n} \"A or B\" ones among them also with their "
              "options swapped:\n\n" + "\n".join(lines))
     if args.paired:
-        table += "\n\n" + paired_table(args.paired, {n: evaluate(n, m, args.out, extra) for n, m in models.items()})
+        table += "\n\n" + paired_table(args.paired, predictions)
     (args.out / "position.md").write_text(table + "\n")
     (args.out / "position.json").write_text(json.dumps(results, indent=1) + "\n")
     print(table)

@@ -68,16 +68,28 @@ def swapped_question(question: str, golden_answers) -> str | None:
     return swapped[0] if golds & {normalize_answer(o) for o in swapped[1:]} else None
 
 
-def position_scores(written: list[dict], swapped: list[dict]) -> dict[str, float]:
-    """Rows `{"question", "prediction", "f1"}`: every held-out question as written, and the "A or B" ones among
-    them asked with their options swapped (`swapped_question`). Over those pairs: F1 as written, swapped, their
-    mean, the share of answers naming the last option each way, and the share naming the same option both ways
-    (and rightly so). Over every question: F1 as written, and
-    position-balanced (each "A or B" question scored by the mean of its two orderings), which a policy that
-    answers by position does not raise."""
+def option_pairs(written: list[dict], swapped: list[dict]) -> list[tuple[dict, dict]]:
+    """Rows `{"question", "golden_answers", ...}` of held-out questions as written, and of the "A or B" ones among
+    them asked with their options swapped (`swapped_question`) -> (as written, swapped) for each such question."""
     by_question = {r["question"]: r for r in swapped}
-    pairs = [(r, by_question[s]) for r in written
-             if (s := swapped_question(r["question"], r.get("golden_answers", []))) in by_question]
+    return [(r, by_question[s]) for r in written
+            if (s := swapped_question(r["question"], r.get("golden_answers", []))) in by_question]
+
+
+def balanced_f1(written: list[dict], swapped: list[dict]) -> dict[str, float]:
+    """question -> its position-balanced F1: for an "A or B" question asked both ways (`option_pairs`), the mean of
+    its two orderings' `f1`; for any other, its own."""
+    balanced = {a["question"]: (a["f1"] + b["f1"]) / 2 for a, b in option_pairs(written, swapped)}
+    return {r["question"]: balanced.get(r["question"], r["f1"]) for r in written}
+
+
+def position_scores(written: list[dict], swapped: list[dict]) -> dict[str, float]:
+    """Rows `{"question", "golden_answers", "prediction", "f1"}`: every held-out question as written, and the
+    "A or B" ones among them asked with their options swapped (`swapped_question`). Over those pairs: F1 as
+    written, swapped, their mean, the share of answers naming the last option each way, and the share naming the
+    same option both ways (and rightly so). Over every question: F1 as written, and position-balanced
+    (`balanced_f1`), which a policy that answers by position does not raise."""
+    pairs = option_pairs(written, swapped)
 
     def last(part: list[dict]) -> float:
         return sum(1 for r in part if r["prediction"] is not None
@@ -94,8 +106,7 @@ def position_scores(written: list[dict], swapped: list[dict]) -> dict[str, float
             and _norm(a["prediction"]) in {_norm(o) for o in swap_options(a["question"])[1:]}]
     out["same_option_share"] = len(same) / n
     out["same_option_right_share"] = sum(a["f1"] == 1.0 for a, _ in same) / n
-    balanced = {a["question"]: (a["f1"] + b["f1"]) / 2 for a, b in pairs}
-    out["f1_balanced"] = sum(balanced.get(r["question"], r["f1"]) for r in written) / max(len(written), 1)
+    out["f1_balanced"] = sum(balanced_f1(written, swapped).values()) / max(len(written), 1)
     return out
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from zerosearch.rollout.copying import answer_in_question, swapped_question
+from zerosearch.rollout.copying import answer_in_question, balanced_f1
 
 
 def val_files(run_dir: Path) -> tuple[Path, Path] | None:
@@ -34,15 +34,10 @@ def per_question_f1(path: Path) -> dict[str, tuple[float, bool]]:
 def per_question_balanced(written: list[dict], swapped: list[dict]) -> dict[str, tuple[float, bool]]:
     """question -> (position-balanced F1, whether the question names its answer), from rows `{"question",
     "golden_answers", "f1"}` of the held-out questions as written and of the "A or B" ones swapped
-    (`scripts/position_check.py`'s predictions, or a run's `val_step_N` and `val_swapped_step_N` rollouts): an
-    "A or B" question scores the mean of its two orderings, as `copying.position_scores` counts it."""
-    by_question = {r["question"]: float(r["f1"]) for r in swapped}
-    out = {}
-    for r in written:
-        other = by_question.get(swapped_question(r["question"], r["golden_answers"]) or "")
-        f1 = float(r["f1"]) if other is None else (float(r["f1"]) + other) / 2
-        out[r["question"]] = (f1, answer_in_question(r["question"], r["golden_answers"]))
-    return out
+    (`scripts/position_check.py`'s predictions, or a run's `val_step_N` and `val_swapped_step_N` rollouts); the
+    F1 is `copying.balanced_f1`'s."""
+    named = {r["question"]: answer_in_question(r["question"], r["golden_answers"]) for r in written}
+    return {q: (float(f1), named[q]) for q, f1 in balanced_f1(written, swapped).items()}
 
 
 def _matrix(runs: list[dict[str, tuple[float, bool]]], questions: list[str]) -> np.ndarray:
