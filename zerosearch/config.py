@@ -243,9 +243,17 @@ class ActorConfig:
     ppo_mini_batch_size: int = 64
     """Trajectories per optimizer step (`train_batch_size * n` per step = that many / this optimizer steps)."""
     micro_batch_size: int = 8
-    """Most trajectories per forward/backward (gradient accumulation inside a mini-batch)."""
+    """Most rows per forward/backward (gradient accumulation inside a mini-batch): trajectories, or with
+    `share_prompts` prompts with all their responses."""
     micro_batch_tokens: int = 8192
-    """Most padded tokens per forward/backward; micro-batches group trajectories of similar length."""
+    """Most padded tokens per forward/backward; micro-batches group rows of similar length."""
+    share_prompts: bool = False
+    """Trajectories with the same prompt (a group's `rollout.n`) share one row in the forward and backward: the
+    prompt once, then each response, with an attention mask that keeps the responses apart (`training/batch.py`).
+    The log-probs and gradients are the same up to rounding, and the prompt is computed once, not n times. Used
+    by the actor, the reference and the critic alike. Needs an attention that takes a 4D mask (`sdpa`,
+    `sdpa_fp32`, `eager`); `sdpa_fp32` also skips what the mask hides, the others attend over the whole row.
+    On in configs/cpu.yaml; off by default, as its speed on GPU kernels is not measured."""
     clip_ratio: float = 0.2
     """PPO clip range: the ratio is clipped to [1 - clip_ratio_low, 1 + clip_ratio_high]."""
     clip_ratio_low: float = -1.0
@@ -517,6 +525,9 @@ def validate(cfg: Config) -> None:
     _one_of(cfg.model.ref_dtype, ("", "float32", "bfloat16", "float16"), "model.ref_dtype")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     _one_of(cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+    _check(not cfg.actor.share_prompts or cfg.model.attn_implementation in ("sdpa", "sdpa_fp32", "eager"),
+           "actor.share_prompts", f"needs an attention that takes a 4D mask, not '{cfg.model.attn_implementation}'; "
+           "set model.attn_implementation=sdpa or actor.share_prompts=false")
     _one_of(r.engine, POLICY_ENGINES, "rollout.engine")
     _one_of(r.protocol, ROLLOUT_PROTOCOLS, "rollout.protocol")
     _check(r.n >= 1, "rollout.n", f"{r.n} < 1")

@@ -1,8 +1,8 @@
 """The trainer's two model passes on W1-shaped batches, under different settings, side by side in one process.
 
 The reference's log-probs (`ReferenceWorker.compute_log_probs`) and the actor's update (`ActorRolloutWorker.update`:
-forward, backward and AdamW step) on 32 trajectories of SmolLM2-135M-Instruct shaped like W1's (a 40-70 token
-prompt, a 128-token response, every response token carrying loss). No Ray and no rollout engine: the workers'
+forward, backward and AdamW step) on 32 trajectories of SmolLM2-135M-Instruct shaped like W1's (groups of 4
+sharing a 40-70 token prompt, a 128-token response, every response token carrying loss). No Ray and no rollout engine: the workers'
 own methods run in this process, so a setting's effect on the two passes is seen without the rest of the step.
 Each setting is timed `--reps` times, interleaved with the others, and the median is printed.
 
@@ -23,6 +23,7 @@ from w1 import W1_TRAINING
 # name -> overrides of configs/cpu.yaml on top of W1's training settings (scripts/bench/w1.py)
 SETTINGS = {
     "w1 (micro 4 x 1024 tokens)": [],
+    "w1, each trajectory in its own row": ["actor.share_prompts=false"],
     "micro 8 x 2048 tokens": ["actor.micro_batch_size=8", "actor.micro_batch_tokens=2048"],
     "micro 16 x 4096 tokens": ["actor.micro_batch_size=16", "actor.micro_batch_tokens=4096"],
     "reference in bf16": ["model.ref_dtype=bfloat16"],
@@ -38,7 +39,8 @@ def trajectories(n: int = 32, seed: int = 0):
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(40, 70))]
+        if i % 4 == 0:  # a group of 4 rollouts shares its prompt, as in W1
+            prompt = [rng.randrange(100, 40000) for _ in range(rng.randint(40, 70))]
         response = [rng.randrange(100, 40000) for _ in range(128)]
         out.append(Trajectory(uid=i, group=i // 4, question="q", golden_answers=["a"], prompt_ids=prompt,
                               response_ids=response, loss_mask=[1] * len(response)))

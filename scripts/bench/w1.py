@@ -26,14 +26,15 @@ NQ = REPO.parent / "shared" / "data" / "qa" / "nq" / "test.jsonl"
 
 # W1's own training settings, not whatever configs/cpu.yaml holds today: no gradient checkpointing (a memory
 # trade-off the main job makes, ~20 % of step time), no entropy bonus (TRL's GRPO has none), no warm-up, fp32
-# master weights with bf16 autocast, attention in fp32 (zerosearch's CPU training path; TRL runs plain fp32).
+# master weights with bf16 autocast, attention in fp32 (zerosearch's CPU training path; TRL runs plain fp32), a
+# group's shared prompt computed once (the same log-probs and gradients, up to rounding).
 # passes.py uses them too.
 W1_TRAINING = {
     "model.gradient_checkpointing": False, "model.dtype": "float32", "model.autocast_dtype": "bfloat16",
     "model.attn_implementation": "sdpa_fp32",
     "rollout.temperature": 1.0, "algorithm.kl_coef": 0.001, "actor.lr": 1e-6, "actor.ppo_mini_batch_size": 32,
     "actor.entropy_coeff": 0.0, "actor.lr_warmup_steps_ratio": 0.0, "actor.micro_batch_size": 4,
-    "actor.micro_batch_tokens": 1024, "warmstart.enabled": False,
+    "actor.micro_batch_tokens": 1024, "actor.share_prompts": True, "warmstart.enabled": False,
 }
 
 

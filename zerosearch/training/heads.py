@@ -22,9 +22,19 @@ class _Selected(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def hidden(self, input_ids, attention_mask, b_idx, pos, autocast: torch.dtype | None) -> torch.Tensor:
+    def hidden(self, input_ids, attention_mask, b_idx, pos, autocast: torch.dtype | None,
+               position_ids=None, layout=None) -> torch.Tensor:
+        """`b_idx`, `pos` [N]: the row and position of each selected hidden state; `position_ids`, a 4D
+        `attention_mask` and `layout` with shared prompts (`batch.collate`; `layout` goes to the attention
+        function, which may use it to skip what the mask hides)."""
+        if attention_mask.dim() == 4 and self.lm.config._attn_implementation == "eager":
+            # eager attention adds its mask to the scores: 0 where a key is seen, the lowest float where not
+            attention_mask = torch.zeros(attention_mask.shape, device=attention_mask.device).masked_fill_(
+                ~attention_mask, torch.finfo(torch.float32).min)
         with torch.autocast(input_ids.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
+            extra = {} if layout is None else {"shared_layout": layout}
+            out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     **extra)
         return out.last_hidden_state[b_idx, pos].float()  # [N, H]
 
 
@@ -37,9 +47,9 @@ class TokenLogProbs(_Selected):
     (`_HeadLogProbs`). Only the N selected positions ever produce logits.
     The entropy has a gradient only with `entropy_grad` (an entropy bonus); as a metric it is detached."""
 
-    def forward(self, input_ids, attention_mask, b_idx, pos, targets, with_entropy: bool = False,
+    def forward(self, input_ids, attention_mask, b_idx, pos, position_ids, layout, targets, with_entropy: bool = False,
                 autocast: torch.dtype | None = None, temperature: float = 1.0, entropy_grad: bool = False):
-        h = self.hidden(input_ids, attention_mask, b_idx, pos, autocast)  # [N, H]
+        h = self.hidden(input_ids, attention_mask, b_idx, pos, autocast, position_ids, layout)  # [N, H]
         head = self.lm.get_output_embeddings()
         if head.bias is None and not entropy_grad:
             return _HeadLogProbs.apply(h, head.weight, targets, temperature, autocast, with_entropy)
@@ -55,24 +65,31 @@ class _HeadLogProbs(torch.autograd.Function):
     """``lp = log_softmax(h W^T / T)[target]`` with the forward in fp32 and the backward's two vocabulary-sized
     matmuls in `grad_dtype` (the autocast dtype, or fp32 when None).
 
-    The forward is what `TokenLogProbs` computed before: fp32 logits, so log-probs (and the PPO ratio and KL built
+    The forward is in fp32 as plain autograd's (equal to float rounding), so log-probs (and the PPO ratio and KL built
     on them) keep full precision. The backward needs only ``dlp/dlogits = (onehot(target) - softmax) / T``; its
     products with W (for dh) and with h (for dW) are ~2/3 of the head's FLOPs and, in fp32, ~2 s of a W1 step.
     In bf16 (fp32 accumulation) they run ~3x faster, like the rest of the transformer's backward under autocast;
     the gradient differs from fp32 by bf16's rounding of its inputs, as every other autocast matmul's does.
-    The softmax is rebuilt in place in the saved logits, so the backward allocates no second [N, V] fp32 tensor;
-    it can therefore run once (`retain_graph` would be refused). The entropy, when asked for, is a detached
-    metric computed in the forward."""
+    The forward exponentiates once: the logsumexp, the entropy and the softmax come from the same [N, V] tensor,
+    which is kept (the logits are not) and turned into the gradient in place, so the backward allocates no second
+    [N, V] fp32 tensor; it can therefore run once (`retain_graph` would be refused). The entropy, when asked for,
+    is a detached metric computed in the forward."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, temperature: float, grad_dtype: torch.dtype | None, with_entropy: bool):
         logits = torch.nn.functional.linear(h, weight.float())  # [N, V] fp32
         if temperature != 1.0:
             logits = logits.div_(temperature)
-        lse = torch.logsumexp(logits, dim=-1)  # [N]
+        # one exponentiation gives the logsumexp, the entropy and the softmax the backward needs
+        top = logits.amax(dim=-1, keepdim=True)  # [N, 1]
+        probs = torch.sub(logits, top).exp_()  # [N, V], unnormalised
+        total = probs.sum(dim=-1)  # [N]
+        lse = top.squeeze(-1) + total.log()  # [N]
         lp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # [N]
-        entropy = entropy_given_lse(logits, lse) if with_entropy else None  # [N], no gradient
-        ctx.save_for_backward(h, weight, targets, logits, lse)
+        entropy = lse - torch.linalg.vecdot(probs, logits) / total if with_entropy else None  # [N], no gradient
+        del logits
+        probs = probs.div_(total[:, None])  # the softmax
+        ctx.save_for_backward(h, weight, targets, probs)
         ctx.temperature, ctx.grad_dtype, ctx.used = temperature, grad_dtype, False
         if entropy is not None:
             ctx.mark_non_differentiable(entropy)
@@ -82,12 +99,12 @@ class _HeadLogProbs(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_lp, _grad_entropy):
         if ctx.used:
-            raise RuntimeError("the vocabulary head's backward reuses its saved logits and runs once; "
+            raise RuntimeError("the vocabulary head's backward reuses its saved softmax and runs once; "
                                "backward(retain_graph=True) twice through it is not supported")
         ctx.used = True
-        h, weight, targets, logits, lse = ctx.saved_tensors
+        h, weight, targets, probs = ctx.saved_tensors
         g = grad_lp / ctx.temperature  # [N]
-        grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-g[:, None])  # [N, V]: -g * softmax, in place
+        grad_logits = probs.mul_(-g[:, None])  # [N, V]: -g * softmax, in place
         grad_logits.scatter_add_(-1, targets[:, None], g[:, None])  # + g at the target
         dtype = ctx.grad_dtype or torch.float32
         grad_logits = grad_logits.to(dtype)
@@ -108,8 +125,10 @@ class TokenValues(_Selected):
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids, attention_mask, b_idx, pos, autocast: torch.dtype | None = None):
-        return self.value_head(self.hidden(input_ids, attention_mask, b_idx, pos, autocast)).squeeze(-1)  # [N]
+    def forward(self, input_ids, attention_mask, b_idx, pos, position_ids, layout,
+                autocast: torch.dtype | None = None):
+        return self.value_head(self.hidden(input_ids, attention_mask, b_idx, pos, autocast, position_ids,
+                                           layout)).squeeze(-1)  # [N]
 
 
 def logprob_temperature(cfg: Config) -> float:
@@ -119,11 +138,14 @@ def logprob_temperature(cfg: Config) -> float:
 
 
 def selected_inputs(batch: Batch, select: torch.Tensor, device) -> tuple:
-    """The heads' inputs for the tokens `select` [B, R] marks: (input_ids, attention_mask, b_idx, pos) on `device`,
-    and where those tokens sit on the grid, (b_idx [N], r_idx [N])."""
+    """The heads' inputs for the tokens `select` [B, R] marks: (input_ids, attention_mask, row [N], pos [N],
+    position_ids, layout) on `device`, and where those tokens sit on the grid, (b_idx [N], r_idx [N])."""
     b_idx, r_idx = select.nonzero(as_tuple=True)  # [N], [N]
     pos = batch.predict_positions[b_idx, r_idx]  # [N]
-    args = (batch.input_ids.to(device), batch.attention_mask.to(device), b_idx.to(device), pos.to(device))
+    position_ids = None if batch.position_ids is None else batch.position_ids.to(device)
+    layout = None if batch.layout is None else batch.layout.to(device)
+    args = (batch.input_ids.to(device), batch.attention_mask.to(device), batch.row_of[b_idx].to(device),
+            pos.to(device), position_ids, layout)
     return args, (b_idx.to(device), r_idx.to(device))
 
 

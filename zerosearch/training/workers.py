@@ -30,12 +30,14 @@ from zerosearch.rollout.stack import build_rollout_stack
 from zerosearch.rollout.trajectory import Trajectory
 from zerosearch.training.batch import (
     Batch,
+    SharedLayout,
     collate,
     loss_totals,
     loss_weight,
     micro_batches,
     pad_to_grid,
     response_len,
+    row_lengths,
 )
 from zerosearch.training.distributed import (
     DistInfo,
@@ -68,14 +70,33 @@ LossFn = Callable[[Batch, list[int]], tuple[torch.Tensor, dict[str, float]]]
 """`(micro-batch, its rows in the update's trajectories) -> (loss aggregated over its own tokens, metrics)`."""
 
 
-def _sdpa_fp32(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention with autocast off and q, k, v in fp32; the output back in the input dtype."""
+def _sdpa_fp32(module, query, key, value, attention_mask, shared_layout: SharedLayout | None = None, **kwargs):
+    """transformers' SDPA attention with autocast off and q, k, v in fp32; the output back in the input dtype.
+
+    With `shared_layout` (shared prompts, `batch.SharedLayout`), only what the mask lets through is computed: the
+    prompts among themselves, then each response against its prompt and itself, gathered out of the rows, and the
+    outputs put back in place. The [G, 1, L, L] mask would give the same, at the cost of attending every row's
+    responses to one another."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     with torch.autocast(query.device.type, enabled=False):
-        out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
-                                              **kwargs)
-    return out.to(query.dtype), weights
+        q, k, v = query.float(), key.float(), value.float()  # [G, H, L, D], k and v with fewer heads
+        if shared_layout is None:
+            out, weights = sdpa_attention_forward(module, q, k, v, attention_mask, **kwargs)
+            return out.to(query.dtype), weights
+        lay = shared_layout
+        Pw, rows = lay.prompt_width, lay.rows[:, None]  # [B, 1]
+        out_p, _ = sdpa_attention_forward(module, q[:, :, :Pw], k[:, :, :Pw], v[:, :, :Pw], lay.prompt_mask,
+                                          **kwargs)  # [G, Pw, H, D]
+        # indexing [rows, :, pos] puts the indexed dimensions first: [B, R, H, D] -> [B, H, R, D]
+        qr = q[rows, :, lay.q_pos].transpose(1, 2)
+        kr, vr = (t[rows, :, lay.kv_pos].transpose(1, 2) for t in (k, v))  # [B, h, Pw + R, D]
+        out_r, _ = sdpa_attention_forward(module, qr, kr, vr, lay.resp_mask, **kwargs)  # [B, R, H, D]
+        G, H, L, D = q.shape
+        out = torch.cat([out_p, out_p.new_zeros((G, L - Pw, H, D))], 1)  # [G, L, H, D]
+        b, j = lay.valid.nonzero(as_tuple=True)
+        out = out.index_put((lay.rows[b], lay.q_pos[b, j]), out_r[b, j])
+    return out.to(query.dtype), None
 
 
 def load_causal_lm(path: str, dtype: str, device: torch.device, gradient_checkpointing: bool = False,
@@ -144,9 +165,15 @@ class _ModelWorker:
         self.temperature = logprob_temperature(cfg)
 
     def _micro(self, trajs: list[Trajectory]) -> list[list[int]]:
-        lengths = [len(t.prompt_ids) + len(t.response_ids) for t in trajs]
+        """Micro-batches of `trajs` (indices), by the rows `collate` makes of them: with shared prompts a group's
+        trajectories stay in one micro-batch."""
         a = self.cfg.actor
-        return micro_batches(lengths, a.micro_batch_tokens, a.micro_batch_size)
+        rows, lengths = row_lengths(trajs, a.share_prompts)
+        return [[i for r in mb for i in rows[r]] for mb in micro_batches(lengths, a.micro_batch_tokens,
+                                                                         a.micro_batch_size)]
+
+    def _collate(self, trajs: list[Trajectory]) -> Batch:
+        return collate(trajs, self.pad_id, self.cfg.actor.share_prompts)
 
     def _build_net(self) -> torch.nn.Module:
         return TokenLogProbs(self.model)
@@ -175,7 +202,7 @@ class _ModelWorker:
         tokens, sequences = loss_totals(trajs)
         tokens, sequences = self._rounds(tokens, "sum"), self._rounds(sequences, "sum")
         for idx, real in self._plan(trajs):
-            batch = collate([trajs[i] for i in idx], self.pad_id)
+            batch = self._collate([trajs[i] for i in idx])
             weight = loss_weight(batch.train_mask, tokens, sequences, agg) * self.dist.world if real else 0.0
             yield idx, batch, weight, real
 
@@ -186,7 +213,7 @@ class _ModelWorker:
         self.net.eval()
         out = torch.zeros((len(trajs), response_len(trajs)), dtype=torch.float32)  # [B, R]
         for idx, real in self._plan(trajs):
-            batch = collate([trajs[i] for i in idx], self.pad_id)
+            batch = self._collate([trajs[i] for i in idx])
             grid = fn(batch)  # [b, r]
             if real:
                 out[idx] = pad_to_grid(grid.cpu(), out.shape[1])
