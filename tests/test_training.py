@@ -1022,15 +1022,18 @@ def test_max_gen_batches_below_one_is_refused():
         load_config("cpu", ["algorithm.max_gen_batches=0"])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager", "sdpa_fp32"])
-def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_separate_rows(tiny_model_dir, attn):
+@pytest.mark.parametrize("attn,checkpointing", [("sdpa", False), ("eager", False), ("sdpa_fp32", False),
+                                                ("sdpa_fp32", True)])
+def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_separate_rows(tiny_model_dir, attn, checkpointing):
     """`actor.share_prompts`: a group's prompt computed once, its responses side by side behind a 4D mask, must
     give every response token the log-prob and the gradient it gets in a row of its own."""
     from zerosearch.training.batch import prompt_groups
     from zerosearch.training.heads import TokenLogProbs, token_logprobs
     from zerosearch.training.workers import load_causal_lm
 
-    model = load_causal_lm(str(tiny_model_dir), "float32", torch.device("cpu"), attn_implementation=attn)
+    model = load_causal_lm(str(tiny_model_dir), "float32", torch.device("cpu"), gradient_checkpointing=checkpointing,
+                           attn_implementation=attn)
+    model.train(checkpointing)  # transformers recomputes the layers in the backward only in training mode
     net = TokenLogProbs(model)
     g = torch.Generator().manual_seed(0)
 
