@@ -992,6 +992,26 @@ def test_validation_with_swapped_options_scores_a_position_guess_at_chance(monke
     assert "val/f1_balanced" not in driver.validate(None, samples, 6, load_config("grpo"), None)
 
 
+def test_train_questions_keeps_the_open_or_the_named_questions_of_the_training_split_only():
+    from zerosearch.data import load_samples
+    from zerosearch.rollout.copying import answer_guessable
+
+    def split(kind, held_out=False):
+        cfg = load_config("cpu", ["data.train_sources=[2wikimultihopqa]", f"data.train_questions={kind}"])
+        return load_samples(cfg, cfg.data.test_split if held_out else cfg.data.train_split)
+
+    every, open_, named = split("all"), split("open"), split("named")
+    assert open_ and named and len(open_) + len(named) == len(every)
+    assert not any(answer_guessable(s.question, s.golden_answers) for s in open_)
+    assert all(answer_guessable(s.question, s.golden_answers) for s in named)
+    assert any(s.golden_answers[0].lower() == "yes" for s in named)  # yes/no questions are guessable too
+    assert not any(s.golden_answers[0].lower() in ("yes", "no") for s in open_)
+    assert {s.index for s in open_} | {s.index for s in named} == {s.index for s in every}
+    assert split("open", held_out=True) == split("all", held_out=True)  # the held-out questions stay whole
+    with pytest.raises(ConfigError, match="data.train_questions"):
+        load_config("cpu", ["data.train_questions=closed"])
+
+
 def test_train_both_orders_adds_each_a_or_b_question_swapped():
     from zerosearch.data import load_samples
     from zerosearch.rewards import normalize_answer

@@ -85,6 +85,11 @@ class DataConfig:
     train_sources: list[str] = field(default_factory=list)
     """Train only on rows whose `data_source` is one of these (empty = all rows; a split holding none of them is
     kept whole, with a warning)."""
+    train_questions: str = "all"
+    """`all`, `open` or `named`: train only on the questions whose answer the question does not offer (`open`), or
+    only on those where it does (`named`: "…, A or B?" with A or B the gold, and yes/no questions;
+    `copying.answer_guessable`). A policy can answer a named question by guessing among what it offers; an open
+    one it has to look up. The held-out set stays whole. Upstream has no such option."""
     train_both_orders: bool = False
     """Also train on every "…, A or B?" training question whose gold answer is A or B asked "…, B or A?", so the gold
     is the last option exactly half the time: naming the last option then earns nothing on average, and only
@@ -525,6 +530,7 @@ def validate(cfg: Config) -> None:
     _one_of(cfg.model.ref_dtype, ("", "float32", "bfloat16", "float16"), "model.ref_dtype")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     _one_of(cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
+    _one_of(d.train_questions, ("all", "open", "named"), "data.train_questions")
     _check(not cfg.actor.share_prompts or cfg.model.attn_implementation in ("sdpa", "sdpa_fp32", "eager"),
            "actor.share_prompts", f"needs an attention that takes a 4D mask, not '{cfg.model.attn_implementation}'; "
            "set model.attn_implementation=sdpa or actor.share_prompts=false")

@@ -1,5 +1,5 @@
 """The QA samples a command runs on, chosen by the config: a split of `data.path`, the training split narrowed
-to `data.train_sources`, the prompts rebuilt from `data.prompt_template`."""
+to `data.train_sources` and `data.train_questions`, the prompts rebuilt from `data.prompt_template`."""
 
 from __future__ import annotations
 
@@ -28,6 +28,15 @@ def load_samples(cfg: Config, split: str) -> list[QASample]:
                            cfg.data.path, sorted(found))
             return samples
         samples = [s for s in samples if s.data_source in sources]
+    if cfg.data.train_questions != "all" and split == cfg.data.train_split:
+        from zerosearch.config import ConfigError
+        from zerosearch.rollout.copying import answer_guessable
+
+        named = cfg.data.train_questions == "named"
+        samples = [s for s in samples if answer_guessable(s.question, s.golden_answers) == named]
+        if not samples:
+            raise ConfigError(f"data.train_questions={cfg.data.train_questions}: no question of the "
+                             f"{split!r} split of {cfg.data.path} is of that kind; set data.train_questions=all")
     if cfg.data.prompt_template:
         for sample in samples:
             sample.prompt = build_prompt(sample.question, cfg.data.prompt_template)

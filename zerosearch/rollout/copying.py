@@ -35,6 +35,13 @@ def answer_in_question(question: str, golden_answers) -> bool:
     return any(_norm(g) and f" {_norm(g)} " in q for g in golden_answers)
 
 
+def answer_guessable(question: str, golden_answers) -> bool:
+    """The answer is among what the question offers: named in it (`answer_in_question`), or a yes/no question. The
+    issue's "named" questions, which a policy can learn to guess without searching; the bundled held-out 2Wiki
+    questions hold no yes/no question, so there the two tests agree."""
+    return answer_in_question(question, golden_answers) or all(_norm(g) in ("yes", "no") for g in golden_answers)
+
+
 _LAST_OPTION = re.compile(r",[^,]*?\bor\s+([^?]+?)\s*\?\s*$", re.IGNORECASE)
 
 
