@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from zerosearch.algos import entropy_from_logits, entropy_given_lse
+from zerosearch.algos import entropy_from_logits
 from zerosearch.config import Config
 from zerosearch.training.batch import Batch
 
