@@ -368,5 +368,8 @@ def test_train_sources_keep_only_those_rows_of_the_training_split(caplog):
     assert len(load_samples(cfg, "test")) == 150  # the held-out split is never filtered
     cfg = load_config("cpu", ["data.train_sources=[musique]"])  # other data: kept whole, with a warning
     with caplog.at_level("WARNING", logger="zerosearch.rollout"):
-        assert len(load_samples(cfg, "train")) == 2203
+        kept = load_samples(cfg, "train")
+    assert len(kept) == 2203
     assert "data.train_sources=['musique'] matches no row" in caplog.text and "'hotpotqa'" in caplog.text
+    assert cfg.data.prompt_template  # and the split kept whole still gets its prompts rebuilt
+    assert all(s.prompt == build_prompt(s.question, cfg.data.prompt_template) for s in kept[:50])

@@ -22,12 +22,12 @@ def load_samples(cfg: Config, split: str) -> list[QASample]:
     sources = cfg.data.train_sources
     if sources and split == cfg.data.train_split:
         found = {s.data_source for s in samples}
-        if not set(sources) & found:  # other data than the sources were chosen for: keep it whole, and say so
+        if set(sources) & found:
+            samples = [s for s in samples if s.data_source in sources]
+        else:  # other data than the sources were chosen for: keep it whole, and say so
             logger.warning("data.train_sources=%s matches no row of the %r split of %s (its sources: %s); "
                            "training on all of it. Set data.train_sources=[] to silence this.", list(sources), split,
                            cfg.data.path, sorted(found))
-            return samples
-        samples = [s for s in samples if s.data_source in sources]
     if cfg.data.train_questions != "all" and split == cfg.data.train_split:
         from zerosearch.config import ConfigError
         from zerosearch.rollout.copying import answer_guessable
