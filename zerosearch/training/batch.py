@@ -111,7 +111,8 @@ def _shared(trajs: list[Trajectory], pad_id: int, prompt_lens: torch.Tensor, res
     a [G, 1, L, L] boolean mask (True: may attend) and position ids that continue from the prompt's for each
     response, and the `SharedLayout` of the same."""
     groups = prompt_groups(trajs)
-    Pw = max(len(trajs[g[0]].prompt_ids) for g in groups)
+    group_prompt_lens = torch.tensor([len(trajs[g[0]].prompt_ids) for g in groups])  # [G]
+    Pw = int(group_prompt_lens.max())
     G, L = len(groups), Pw + max(sum(len(trajs[i].response_ids) for i in g) for g in groups)
     B, R = response_ids.shape
     input_ids = torch.full((G, L), pad_id, dtype=torch.long)
@@ -138,14 +139,13 @@ def _shared(trajs: list[Trajectory], pad_id: int, prompt_lens: torch.Tensor, res
     causal = torch.ones((L, L), dtype=torch.bool).tril()  # [L, L]
     # a real key, earlier or here, in the prompt or the query's own response; padding queries see the prompt
     mask = causal & (kv >= 0) & ((kv == 0) | (kv == q))  # [G, L, L]
-    j = torch.arange(R)
+    q_pos = (starts[:, None] + torch.arange(R)).clamp(max=L - 1)  # [B, R]
     valid = response_mask.bool()  # [B, R]
-    kv_pos = torch.cat([torch.arange(Pw).expand(B, Pw), (starts[:, None] + j).clamp(max=L - 1)], 1)  # [B, Pw + R]
+    kv_pos = torch.cat([torch.arange(Pw).expand(B, Pw), q_pos], 1)  # [B, Pw + R]
     key_ok = torch.cat([torch.arange(Pw)[None, :] < prompt_lens[:, None], valid], 1)  # [B, Pw + R]
     seen = torch.cat([torch.ones((R, Pw), dtype=torch.bool), torch.ones((R, R), dtype=torch.bool).tril()], 1)
-    prompt_seen = causal[:Pw, :Pw] & (torch.arange(Pw)[None, None, :] < torch.tensor(
-        [len(trajs[g[0]].prompt_ids) for g in groups])[:, None, None])  # [G, Pw, Pw]
-    layout = SharedLayout(Pw, prompt_seen[:, None], rows, (starts[:, None] + j).clamp(max=L - 1), kv_pos,
+    prompt_seen = causal[:Pw, :Pw] & (torch.arange(Pw)[None, None, :] < group_prompt_lens[:, None, None])  # [G, Pw, Pw]
+    layout = SharedLayout(Pw, prompt_seen[:, None], rows, q_pos, kv_pos,
                           (seen[None] & key_ok[:, None, :])[:, None], valid)
     return Batch(input_ids, mask[:, None], prompt_lens, response_ids, response_mask, train_mask, rows=rows,
                  starts=starts, position_ids=position_ids, layout=layout)
