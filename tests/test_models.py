@@ -55,3 +55,57 @@ def test_embedded_model_answers_paris():
     out = model.generate(**ids, max_new_tokens=16, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+def test_unbuilt_gemma_says_how_to_build_and_unknown_names_are_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEROSEARCH_HOME", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="fetch-model --model gemma3-270m"):
+        models.resolve_model_path("google/gemma-3-270m")
+    with pytest.raises(ValueError, match="no packaged model is called 'llama-7b'"):
+        models.build_model("llama-7b")
+    target = models.gemma_model_dir()
+    target.mkdir(parents=True)
+    (target / models.COMPLETE_MARKER).write_text("done")
+    assert models.resolve_model_path("Gemma3-270M") == str(target)
+
+
+def test_gemma_chat_template_starts_with_bos_and_uses_gemma_turns(smollm2_tokenizer):
+    """The GGUF tokenizer adds no <bos> and has no template; the build's template must give both, fold a system
+    message into the first user turn, and render observations as a user turn for `rollout.protocol=chat`."""
+    import copy
+
+    from zerosearch.rollout.loop import chat_turn_wrap
+
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = models.GEMMA_CHAT_TEMPLATE
+    messages = [{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Capital of France?"},
+                {"role": "assistant", "content": "Paris"}, {"role": "user", "content": "And Spain?"}]
+    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert text == (f"{tok.bos_token}<start_of_turn>user\nBe brief.\n\nCapital of France?<end_of_turn>\n"
+                    "<start_of_turn>model\nParis<end_of_turn>\n<start_of_turn>user\nAnd Spain?<end_of_turn>\n"
+                    "<start_of_turn>model\n")
+    assert chat_turn_wrap(tok) == ("<end_of_turn>\n<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_gemma_build_adds_bos_and_answers_paris(tmp_path, monkeypatch):
+    """The real build, when the `gemma` extra is installed: greedy, the base model completes a question with the
+    answer, which it does not without <bos> (it repeats "Answer:")."""
+    pytest.importorskip(models.GEMMA_PACKAGE, reason="the `gemma` extra is not installed")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    home = models.zerosearch_home()
+    if not (home / models.GEMMA_MODEL / models.COMPLETE_MARKER).is_file():
+        monkeypatch.setenv("ZEROSEARCH_HOME", str(tmp_path))
+    path = models.build_gemma_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert tokenizer.eos_token == "<end_of_turn>"
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert ids[0] == tokenizer.bos_token_id
+    prompt = "Question: What is the capital of France?\nAnswer:"
+    for bos, expect in ((tokenizer.bos_token, True), ("", False)):
+        enc = tokenizer(bos + prompt, return_tensors="pt", add_special_tokens=False)
+        out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+        answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert ("Paris" in answer) == expect, (bos, answer)

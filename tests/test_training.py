@@ -1042,6 +1042,22 @@ def test_max_gen_batches_below_one_is_refused():
         load_config("cpu", ["algorithm.max_gen_batches=0"])
 
 
+def test_shared_prompts_are_refused_for_a_sliding_window_shorter_than_a_trajectory():
+    """Gemma 3 attends over 512 tokens in five layers of six; shared-prompt rows do not apply that window."""
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config
+
+    from zerosearch.training.workers import check_shared_prompts, sliding_window
+
+    gemma = Gemma3TextConfig(num_hidden_layers=6, sliding_window=512)
+    assert sliding_window(gemma) == 512
+    with pytest.raises(ValueError, match="sliding window of 512 tokens.*actor.share_prompts=false"):
+        check_shared_prompts(gemma, 1024)
+    check_shared_prompts(gemma, 512)  # no trajectory outgrows the window
+    assert sliding_window(LlamaConfig()) is None
+    assert sliding_window(Qwen2Config(use_sliding_window=False, sliding_window=4096)) is None
+    check_shared_prompts(Qwen2Config(use_sliding_window=False, sliding_window=256), 1024)
+
+
 @pytest.mark.parametrize("attn,checkpointing", [("sdpa", False), ("eager", False), ("sdpa_fp32", False),
                                                 ("sdpa_fp32", True)])
 def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_separate_rows(tiny_model_dir, attn, checkpointing):

