@@ -179,6 +179,8 @@ def test_embedded_model_not_built(qa_file, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ZEROSEARCH_HOME", str(tmp_path / "home"))
     err = run_fast(["--model", "smollm2-135m-instruct", "--data", str(qa_file), "--method", "direct"], capsys)
     assert "fetch-model" in err
+    err = run_fast(["--model", "gemma3-270m", "--data", str(qa_file), "--method", "direct"], capsys)
+    assert "--model gemma3-270m:" in err and "fetch-model --model gemma3-270m" in err
 
 
 def test_unknown_method_and_search(qa_file, capsys):

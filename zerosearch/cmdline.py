@@ -130,7 +130,13 @@ def _looks_local(name: str) -> bool:
 
 def check_model(name: str, flag: str = "--model") -> None:
     """Fail fast, before any engine starts, on a model that cannot load."""
-    from zerosearch.models import embedded_model_dir, embedded_model_ready, is_embedded
+    from zerosearch.models import (
+        embedded_model_dir,
+        embedded_model_ready,
+        is_embedded,
+        is_gemma,
+        resolve_model_path,
+    )
 
     if is_embedded(name):
         if not embedded_model_ready():
@@ -138,6 +144,12 @@ def check_model(name: str, flag: str = "--model") -> None:
                 f"{flag} {name}: the embedded model is not built at {embedded_model_dir()}; "
                 "run `zerosearch fetch-model` (or `bash scripts/setup.sh`) first"
             )
+        return
+    if is_gemma(name):
+        try:
+            resolve_model_path(name)
+        except FileNotFoundError as err:
+            raise EvalUsageError(f"{flag} {name}: {err}") from None
         return
     path = Path(name).expanduser()
     if path.is_dir():
