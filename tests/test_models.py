@@ -85,6 +85,8 @@ def test_gemma_chat_template_starts_with_bos_and_uses_gemma_turns(smollm2_tokeni
                     "<start_of_turn>model\nParis<end_of_turn>\n<start_of_turn>user\nAnd Spain?<end_of_turn>\n"
                     "<start_of_turn>model\n")
     assert chat_turn_wrap(tok) == ("<end_of_turn>\n<start_of_turn>user\n", "<end_of_turn>\n<start_of_turn>model\n")
+    empty = [{"role": "system", "content": ""}, {"role": "user", "content": "q"}]  # as the simulator sends
+    assert tok.apply_chat_template(empty, tokenize=False) == f"{tok.bos_token}<start_of_turn>user\nq<end_of_turn>\n"
 
 
 def test_gemma_build_adds_bos_and_answers_paris(tmp_path, monkeypatch):

