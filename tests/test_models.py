@@ -63,9 +63,13 @@ def test_unbuilt_gemma_says_how_to_build_and_unknown_names_are_refused(tmp_path,
         models.resolve_model_path("google/gemma-3-270m")
     with pytest.raises(ValueError, match="no packaged model is called 'llama-7b'"):
         models.build_model("llama-7b")
+    with pytest.raises(ValueError, match="no packaged model is called 'llama-7b'"):
+        models.model_ready("llama-7b")
+    assert not models.model_ready("gemma3-270m")
     target = models.gemma_model_dir()
     target.mkdir(parents=True)
     (target / models.COMPLETE_MARKER).write_text("done")
+    assert models.model_ready("google/gemma-3-270m") and not models.model_ready("smollm2-135m")
     assert models.resolve_model_path("Gemma3-270M") == str(target)
 
 
@@ -95,13 +99,15 @@ def test_gemma_build_adds_bos_and_answers_paris(tmp_path, monkeypatch):
     pytest.importorskip(models.GEMMA_PACKAGE, reason="the `gemma` extra is not installed")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    home = models.zerosearch_home()
-    if not (home / models.GEMMA_MODEL / models.COMPLETE_MARKER).is_file():
+    if not models.model_ready("google/gemma-3-270m"):
         monkeypatch.setenv("ZEROSEARCH_HOME", str(tmp_path))
     path = models.build_gemma_model()
+    assert models.model_ready(models.GEMMA_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert tokenizer.eos_token == "<end_of_turn>"
+    turn_end, doc_end = tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.convert_tokens_to_ids("<eos>")
+    assert model.generation_config.eos_token_id == [turn_end, doc_end]
     ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if hasattr(ids, "keys") else ids
     assert ids[0] == tokenizer.bos_token_id
@@ -111,3 +117,15 @@ def test_gemma_build_adds_bos_and_answers_paris(tmp_path, monkeypatch):
         out = model.generate(**enc, max_new_tokens=6, do_sample=False)
         answer = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         assert ("Paris" in answer) == expect, (bos, answer)
+
+
+def test_fetch_model_reports_a_complete_folder_as_already_built(tmp_path, monkeypatch, capsys):
+    from zerosearch.cli import cmd_fetch_model
+
+    monkeypatch.setenv("ZEROSEARCH_HOME", str(tmp_path))
+    target = models.gemma_model_dir()
+    target.mkdir(parents=True)
+    (target / models.COMPLETE_MARKER).write_text("done")
+    monkeypatch.setattr(models, "_convert_gguf", lambda *a, **k: pytest.fail("a complete folder must not be rebuilt"))
+    assert cmd_fetch_model(["--model", "gemma3-270m"]) == 0
+    assert capsys.readouterr().out.strip() == f"already built: {target}"

@@ -187,16 +187,14 @@ def cmd_warmstart(argv: list[str]) -> int:
 
 
 def cmd_fetch_model(argv: list[str]) -> int:
-    from zerosearch.models import COMPLETE_MARKER, EMBEDDED_MODEL, GEMMA_MODEL, build_model
+    from zerosearch.models import EMBEDDED_MODEL, GEMMA_MODEL, build_model, model_ready
 
     parser = argparse.ArgumentParser(prog="zerosearch fetch-model", description="Build the embedded default model.")
     parser.add_argument("--model", default=EMBEDDED_MODEL, choices=[EMBEDDED_MODEL, GEMMA_MODEL],
                         help=f"{GEMMA_MODEL}: Gemma-3-270M base, from the `gemma` extra (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even when the folder is complete")
     args = parser.parse_args(argv)
-    from zerosearch.models import zerosearch_home
-
-    already = (zerosearch_home() / args.model / COMPLETE_MARKER).is_file() and not args.force
+    already = model_ready(args.model) and not args.force
     path = build_model(args.model, force=args.force)
     print(f"{'already built' if already else 'built'}: {path}")
     return 0

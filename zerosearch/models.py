@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
 import logging
 import os
 import shutil
@@ -69,19 +68,36 @@ def is_gemma(name: str) -> bool:
     return name.strip().lower() in GEMMA_ALIASES
 
 
-def embedded_model_ready() -> bool:
-    return (embedded_model_dir() / COMPLETE_MARKER).is_file()
-
-
 def gemma_model_dir() -> Path:
     return zerosearch_home() / GEMMA_MODEL
+
+
+def packaged_model_name(name: str) -> str | None:
+    """The canonical name of a model zerosearch builds from a PyPI package, or None for any other path or id."""
+    if is_embedded(name):
+        return EMBEDDED_MODEL
+    if is_gemma(name):
+        return GEMMA_MODEL
+    return None
+
+
+def model_ready(name: str) -> bool:
+    """Whether the packaged model `name` (any alias) has been built completely."""
+    canonical = packaged_model_name(name)
+    if canonical is None:
+        raise ValueError(f"no packaged model is called {name!r}; choose {EMBEDDED_MODEL} or {GEMMA_MODEL}")
+    return (zerosearch_home() / canonical / COMPLETE_MARKER).is_file()
+
+
+def embedded_model_ready() -> bool:
+    return model_ready(EMBEDDED_MODEL)
 
 
 def resolve_model_path(name: str) -> str:
     """Map ``smollm2-135m-instruct`` and ``gemma3-270m`` to their built folders; anything else is a local path
     or hub id."""
     if is_gemma(name):
-        if not (gemma_model_dir() / COMPLETE_MARKER).is_file():
+        if not model_ready(GEMMA_MODEL):
             raise FileNotFoundError(
                 f"'{GEMMA_MODEL}' has not been built at {gemma_model_dir()}; run `pip install '{GEMMA_PIP}'` "
                 f"(or `pip install -e .[gemma]`), then `zerosearch fetch-model --model {GEMMA_MODEL}`"
@@ -126,7 +142,7 @@ def build_embedded_model(force: bool = False) -> Path:
     into place, so an interrupted build never leaves a half-written model behind.
     """
     target = embedded_model_dir()
-    if embedded_model_ready() and not force:
+    if model_ready(EMBEDDED_MODEL) and not force:
         logger.info("embedded model already built at %s", target)
         return target
 
@@ -146,7 +162,7 @@ def build_gemma_model(force: bool = False) -> Path:
     """Build Gemma-3-270M base from the chunk packages into ``$ZEROSEARCH_HOME/gemma3-270m``, with a chat template
     that starts with ``<bos>`` (see the module docstring); a no-op when it is already complete."""
     target = gemma_model_dir()
-    if (target / COMPLETE_MARKER).is_file() and not force:
+    if model_ready(GEMMA_MODEL) and not force:
         logger.info("%s already built at %s", GEMMA_MODEL, target)
         return target
     try:
@@ -158,15 +174,12 @@ def build_gemma_model(force: bool = False) -> Path:
         ) from err
     gguf = Path(package.assemble())  # joins the four chunks and checks the package's own sha256
 
-    def finish(tokenizer, model_dir: Path) -> None:
+    def turns(tokenizer) -> list[int]:
         tokenizer.chat_template = GEMMA_CHAT_TEMPLATE
         tokenizer.eos_token = "<end_of_turn>"  # a turn ends here; <eos> ends the document
-        tokenizer.save_pretrained(model_dir)
-        generation = json.loads((model_dir / "generation_config.json").read_text())
-        generation["eos_token_id"] = [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.convert_tokens_to_ids("<eos>")]
-        (model_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        return [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.convert_tokens_to_ids("<eos>")]
 
-    _convert_gguf(gguf, target, f"{gguf.name} sha256={package.EXPECTED_SHA256}\n", finish)
+    _convert_gguf(gguf, target, f"{gguf.name} sha256={package.EXPECTED_SHA256}\n", turns)
     logger.info("built %s at %s", GEMMA_MODEL, target)
     return target
 
@@ -180,9 +193,10 @@ def build_model(name: str, force: bool = False) -> Path:
     raise ValueError(f"no packaged model is called {name!r}; choose {EMBEDDED_MODEL} or {GEMMA_MODEL}")
 
 
-def _convert_gguf(gguf: Path, target: Path, marker: str, finish=None) -> None:
+def _convert_gguf(gguf: Path, target: Path, marker: str, amend_tokenizer=None) -> None:
     """De-quantise `gguf` into a bf16 Hugging Face folder at `target`, built in a temporary folder beside it and
-    renamed into place. `finish(tokenizer, folder)` may amend the saved folder before it is marked complete."""
+    renamed into place. `amend_tokenizer(tokenizer)` may change the tokenizer before it is saved; the ids it returns
+    become generation_config's ``eos_token_id``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -202,10 +216,10 @@ def _convert_gguf(gguf: Path, target: Path, marker: str, finish=None) -> None:
         if missing or unexpected:
             raise RuntimeError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
         model.tie_weights()
+        if amend_tokenizer is not None:
+            model.generation_config.eos_token_id = amend_tokenizer(tokenizer)
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        if finish is not None:
-            finish(tokenizer, tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         (tmp / COMPLETE_MARKER).write_text(marker)
         if target.exists():
