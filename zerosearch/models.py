@@ -72,21 +72,18 @@ def gemma_model_dir() -> Path:
     return zerosearch_home() / GEMMA_MODEL
 
 
-def packaged_model_name(name: str) -> str | None:
-    """The canonical name of a model zerosearch builds from a PyPI package, or None for any other path or id."""
+def packaged_model_name(name: str) -> str:
+    """The canonical name of a model zerosearch builds from a PyPI package (any alias); other names are refused."""
     if is_embedded(name):
         return EMBEDDED_MODEL
     if is_gemma(name):
         return GEMMA_MODEL
-    return None
+    raise ValueError(f"no packaged model is called {name!r}; choose {EMBEDDED_MODEL} or {GEMMA_MODEL}")
 
 
 def model_ready(name: str) -> bool:
     """Whether the packaged model `name` (any alias) has been built completely."""
-    canonical = packaged_model_name(name)
-    if canonical is None:
-        raise ValueError(f"no packaged model is called {name!r}; choose {EMBEDDED_MODEL} or {GEMMA_MODEL}")
-    return (zerosearch_home() / canonical / COMPLETE_MARKER).is_file()
+    return (zerosearch_home() / packaged_model_name(name) / COMPLETE_MARKER).is_file()
 
 
 def embedded_model_ready() -> bool:
@@ -186,11 +183,8 @@ def build_gemma_model(force: bool = False) -> Path:
 
 def build_model(name: str, force: bool = False) -> Path:
     """`zerosearch fetch-model --model NAME`: the embedded default or Gemma-3-270M."""
-    if is_gemma(name):
-        return build_gemma_model(force)
-    if is_embedded(name):
-        return build_embedded_model(force)
-    raise ValueError(f"no packaged model is called {name!r}; choose {EMBEDDED_MODEL} or {GEMMA_MODEL}")
+    builders = {EMBEDDED_MODEL: build_embedded_model, GEMMA_MODEL: build_gemma_model}
+    return builders[packaged_model_name(name)](force)
 
 
 def _convert_gguf(gguf: Path, target: Path, marker: str, amend_tokenizer=None) -> None:
