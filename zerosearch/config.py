@@ -164,6 +164,11 @@ class SearchConfig:
     """Relevance gate of simulated search: a query whose content words overlap the question's (token F1) less
     than this gets noisy documents (0 = off, as upstream, whose prompt-mode simulator writes useful documents
     from the question and gold answer whatever the query says; docs/differences.md)."""
+    two_hop: bool = False
+    """Two-hop simulation (prompt mode): for a question whose answer it does not name, the simulator is told the gold
+    answer only for a follow-up query that names something the documents already retrieved gave and the question
+    does not (`rewards.new_name_share` >= 0.5); other useful searches get documents written from the query and question
+    alone (`simulate_prompt_bridge.txt`). Off, as upstream (docs/differences.md)."""
     curriculum_base: float = 4.0
     """Base b of the curriculum p(step) = start + (b^(step/T) - 1)/(b - 1) * (end - start)."""
     topk: int = 5
@@ -582,6 +587,8 @@ def _validate_search(cfg: Config) -> None:
     _check(cfg.cost.api_usd_per_1k_queries >= 0 and cfg.cost.simulator_usd_per_hour >= 0, "cost", "prices must be >= 0")
     _check(0.0 <= s.min_query_overlap <= 1.0, "search.min_query_overlap",
            f"{s.min_query_overlap} is not in [0, 1]: a token F1 between query and question (0 = off)")
+    _check(not s.two_hop or s.mode in ("simulate_prompt", "hybrid"), "search.two_hop",
+           f"two-hop simulation needs SEARCH_MODE simulate_prompt (or hybrid), not {s.mode}; set search.two_hop=false")
     _check(s.curriculum_base > 0 and s.curriculum_base != 1, "search.curriculum_base", "must be > 0 and != 1 (upstream uses 4)")
     _check(s.topk >= 1, "search.topk", f"{s.topk} < 1; set TOPK 5")
     _check(s.max_retries >= 0 and s.timeout_s > 0 and s.concurrency >= 1, "search",

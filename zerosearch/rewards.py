@@ -177,6 +177,19 @@ def query_support(query: str, text: str) -> float:
     return sum(t in seen for t in q) / len(q)
 
 
+def new_name_share(query: str, question: str, text: str) -> float:
+    """The share of a search ``query``'s content words that the ``question`` lacks and ``text`` (the documents a
+    trajectory has already retrieved) holds: 1.0 for "Robert Boyle" after documents that named him for "Where was
+    the husband of Bess Taffel born?", 0.0 for the question itself, for "Bess Taffel husband" and for an empty
+    query. ``search.two_hop`` gives the gold answer to the simulator only for a query where this is at least 0.5."""
+    q = _content_words(query)
+    if not q:
+        return 0.0
+    asked = set(_content_words(question))
+    seen = set(normalize_answer(text).split())
+    return sum(t not in asked and t in seen for t in q) / len(q)
+
+
 def shaped_reward(answer_score: float, has_answer: bool, retrieved_gold: bool, format_score: float = 0.0,
                   retrieval_score: float = 0.0) -> float:
     """Search-R1's shaping (``compute_score_em`` in its ``qa_em_format.py``) on top of the answer score.

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from zerosearch.config import ROLLOUT_PROTOCOLS as PROTOCOLS
 from zerosearch.config import RolloutConfig
-from zerosearch.rewards import query_overlap, query_support
+from zerosearch.rewards import new_name_share, query_overlap, query_support
+from zerosearch.rollout.copying import answer_guessable
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
 from zerosearch.rollout.self_search import SelfSimulation
@@ -66,6 +67,9 @@ class LoopSettings:
     """A query whose content words overlap the question's less than this (`rewards.query_overlap`), and which
     is not a follow-up drawn from the documents already retrieved (`rewards.query_support`), gets noisy
     documents from a simulated engine (0 = off, as upstream; `search.min_query_overlap`)."""
+    two_hop: bool = False
+    """For a question whose answer it does not name, the simulator gets the gold answer only for a follow-up query
+    that names what the documents gave (`rewards.new_name_share` >= 0.5; `search.two_hop`)."""
 
 
 @dataclass
@@ -289,9 +293,13 @@ class AgentLoop:
                 query_support(query, " ".join(traj.documents)) < gate):  # nor a name the documents gave
             noisy = True  # the simulator would write useful documents from the gold answer whatever the query
             traj.off_topic += 1
+        hold = (self.settings.two_hop and not noisy and not answer_guessable(traj.question, traj.golden_answers)
+                and new_name_share(query, traj.question, " ".join(traj.documents)) < 0.5)
+        traj.held_answer += hold
         traj.noisy_flags.append(noisy)
         traj.queries.append(query)
-        request = SearchRequest(query=query, question=traj.question, golden_answers=traj.golden_answers, noisy=noisy)
+        request = SearchRequest(query=query, question=traj.question, golden_answers=traj.golden_answers, noisy=noisy,
+                                hold_answer=hold)
         batch.stats.queries += 1
         if isinstance(self.search, SelfSimulation):  # the policy's engine writes the documents: no server
             request_id = f"{traj.uid}/{traj.turns}/search"
@@ -372,6 +380,9 @@ def loop_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "rollout/finish_error": sum(t.finish_reason == "error" for t in trajs) / n,
         "rollout/off_topic_share": (
             sum(t.off_topic for t in trajs) / max(sum(len(t.noisy_flags) for t in trajs), 1)
+        ),
+        "rollout/held_answer_share": (
+            sum(t.held_answer for t in trajs) / max(sum(len(t.noisy_flags) for t in trajs), 1)
         ),
         "rollout/noisy_share": (
             sum(bool(f) for t in trajs for f in t.noisy_flags) / max(sum(len(t.noisy_flags) for t in trajs), 1)

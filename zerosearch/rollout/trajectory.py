@@ -31,6 +31,8 @@ class Trajectory:
     noisy_flags: list[bool | None] = field(default_factory=list)
     off_topic: int = 0
     """Searches the relevance gate (`LoopSettings.min_query_overlap`) sent noisy documents to."""
+    held_answer: int = 0
+    """Useful searches whose documents the simulator wrote without the gold answer (`LoopSettings.two_hop`)."""
     queries: list[str] = field(default_factory=list)
     documents: list[str] = field(default_factory=list)
     """What the search backend returned, one text per search, as appended (cut where the observation was

@@ -60,6 +60,9 @@ class SearchRequest:
     question: str = ""
     golden_answers: list[str] = field(default_factory=list)
     noisy: bool | None = None
+    hold_answer: bool = False
+    """Useful documents written without the gold answer (`search.two_hop`: a first hop); only the prompt-mode
+    simulator reads it."""
 
 
 @dataclass

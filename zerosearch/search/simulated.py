@@ -120,6 +120,14 @@ def load_templates(mode: str, template_dir: str | Path | None = None) -> dict[bo
     return out
 
 
+def load_bridge_template(mode: str, template_dir: str | Path | None = None) -> str | None:
+    """``simulate_{mode}_bridge.txt``, the useful-documents prompt without the gold answer that two-hop simulation
+    (``SearchRequest.hold_answer``) uses, or None where there is none (``sft`` mode)."""
+    base = Path(template_dir) if template_dir else resources.files("zerosearch.search") / "templates"
+    path = base / f"simulate_{mode}_bridge.txt"
+    return path.read_text(encoding="utf-8") if path.is_file() else None
+
+
 def fill_template(template: str, request: SearchRequest, topk: int, mode: str = "prompt") -> str:
     """The simulator's prompt for one request; ``mode`` "sft" names only the first gold answer (see above)."""
     answers = request.golden_answers
@@ -227,6 +235,7 @@ class SimulatedSearch(HttpBackend):
         self.max_reply_chars = max_reply_chars
         self.with_confidence = with_confidence
         self.templates = load_templates(mode, template_dir)
+        self.bridge_template = load_bridge_template(mode, template_dir)
         self._rr = itertools.count()  # the next server, advanced on the background loop only
         super().__init__(timeout_s=timeout_s, max_retries=max_retries, backoff_s=backoff_s,
                          concurrency=concurrency, thread_name=self.name)
@@ -247,7 +256,13 @@ class SimulatedSearch(HttpBackend):
         # Before any await: the tasks of a batch start in request order, so its requests take the servers in turn.
         start, n = next(self._rr) % len(self.urls), len(self.urls)
         noisy = bool(request.noisy)
-        prompt = fill_template(self.templates[noisy], request, self.topk, self.mode)
+        template = self.templates[noisy]
+        if request.hold_answer and not noisy:  # two-hop simulation: a first hop, documents without the answer
+            if self.bridge_template is None:
+                raise ValueError(f"search.two_hop needs simulate_{self.mode}_bridge.txt next to the other templates; "
+                                 "only prompt mode ships one")
+            template = self.bridge_template
+        prompt = fill_template(template, request, self.topk, self.mode)
         self._stats.add("search/queries")
 
         async def attempt(k: int) -> tuple[str, Any, float | None]:
