@@ -90,6 +90,14 @@ def test_validation_searches_a_real_engine_that_is_configured():
         load_config("cpu", ["trainer.val_search=oracle"])
 
 
+def test_two_hop_simulation_needs_the_prompt_mode_simulator():
+    assert not load_config("cpu").search.two_hop  # off, as upstream
+    assert load_config("cpu", ["search.two_hop=true"]).search.two_hop
+    for mode in ("simulate_sft", "wiki"):
+        with pytest.raises(ConfigError, match="search.two_hop: two-hop simulation needs SEARCH_MODE simulate_prompt"):
+            load_config("cpu", [f"search.mode={mode}", "search.two_hop=true"])
+
+
 def test_unknown_key_and_bad_type_are_explained():
     with pytest.raises(ConfigError, match=r"unknown config key 'actor.learning_rate'.*actor.lr"):
         load_config("cpu", ["actor.learning_rate=1e-6"])

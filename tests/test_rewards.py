@@ -9,6 +9,7 @@ from zerosearch.rewards import (
     exact_match,
     extract_answer,
     f1_score,
+    new_name_share,
     normalize_answer,
     query_overlap,
     query_support,
@@ -386,3 +387,14 @@ def test_query_support_is_the_share_of_query_words_the_documents_hold():
     assert query_support("Allan Smithee", docs) == 0.5
     assert query_support("", docs) == 0.0 and query_support("the of", docs) == 0.0
     assert query_support("Allan Kroeker", "") == 0.0
+
+
+def test_new_name_share_counts_query_words_the_documents_gave_and_the_question_lacks():
+    question = "Where was the husband of Bess Taffel born?"
+    docs = "Doc 1(Title: Bess Taffel) Bess Taffel was an American screenwriter, married to Robert Boyle."
+    assert new_name_share("Robert Boyle", question, docs) == 1.0
+    assert new_name_share("Robert Boyle birthplace", question, docs) == 2 / 3
+    assert new_name_share(question, question, docs) == 0.0  # the question again: the first hop
+    assert new_name_share("Bess Taffel screenwriter", question, docs) == 1 / 3  # one new word, not a name
+    assert new_name_share("Robert Boyle", question, "") == 0.0  # a name the documents never gave
+    assert new_name_share("", question, docs) == 0.0

@@ -265,6 +265,34 @@ def test_the_relevance_gate_sends_noisy_documents_to_an_off_topic_query(smollm2_
     assert not any(r.noisy for r in search.requests)
 
 
+def test_two_hop_simulation_holds_the_answer_back_until_a_follow_up_names_what_the_documents_gave(smollm2_tokenizer):
+    open_question = sample(0, "Who is the mayor of the capital of France?", ("Anne Hidalgo",))
+    named = sample(1, "Which is larger, Paris or Lyon?", ("Paris",))
+    hops = ["<search>mayor capital of France</search>", "<search>Paris</search>", "<answer>Anne Hidalgo</answer>"]
+    rephrased = ["<search>mayor capital France</search>", "<search>France mayor</search>", "<answer>x</answer>"]
+    search = RecordingSearch()
+    loop, engine = make_loop(smollm2_tokenizer, [hops, rephrased, ["<search>Paris or Lyon</search>", "<answer>Paris</answer>"]],
+                             search=search, max_turns=3, two_hop=True)
+    trajs, _ = run(loop, engine, [open_question, sample(2, open_question.question, ("Anne Hidalgo",)), named])
+    held = {r.query: r.hold_answer for r in search.requests}
+    # the open question's first hop, and a rephrasing of it, get documents without the answer; "Paris", which the
+    # first documents named and the question did not, gets the answer; a named question is never held back
+    assert held == {"mayor capital of France": True, "Paris": False, "mayor capital France": True,
+                    "France mayor": True, "Paris or Lyon": False}
+    assert [t.held_answer for t in trajs] == [1, 2, 0]
+    assert loop_metrics(trajs)["rollout/held_answer_share"] == 3 / 5
+
+    search = RecordingSearch()  # off (the default, as upstream)
+    loop, engine = make_loop(smollm2_tokenizer, [hops], search=search, max_turns=3)
+    run(loop, engine, [open_question])
+    assert not any(r.hold_answer for r in search.requests)
+
+    search = RecordingSearch()  # a noisy draw is noisy, not held
+    loop, engine = make_loop(smollm2_tokenizer, [hops], search=search, max_turns=3, two_hop=True)
+    run(loop, engine, [open_question], p_noisy=1.0)
+    assert all(r.noisy and not r.hold_answer for r in search.requests)
+
+
 def test_groups_and_request_to_backend(smollm2_tokenizer):
     search = RecordingSearch()
     loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER, ["<answer>Berlin</answer>"]], search=search)

@@ -5,6 +5,7 @@ round-robin, all requests in flight at once, a server that is down). No model, n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from zerosearch.search.retriever import RetrieverClient, start_retriever_server
 from zerosearch.search.simulated import (
     SimulatedSearch,
     fill_template,
+    load_bridge_template,
     load_templates,
     normalize_docs,
     parse_servers,
@@ -548,6 +550,26 @@ def test_simulator_prompt_names_all_gold_answers_sft_only_the_first(fake_servers
         sim.search([SearchRequest("q", "Capital of France?", ["Paris", "City of Light"], noisy=False)])
     (prompt,) = server.prompts
     assert f'"Capital of France?" whose answer is {answer}.' in prompt
+
+
+def test_a_held_answer_request_uses_the_bridge_template_without_the_answer(fake_servers) -> None:
+    bridge = load_bridge_template("prompt")
+    assert bridge is not None and load_bridge_template("sft") is None
+    request = SearchRequest("Bess Taffel", "Where was the husband of Bess Taffel born?", ["Los Angeles"], noisy=False,
+                            hold_answer=True)
+    prompt = fill_template(bridge, request, topk=5)
+    assert "{" not in prompt and "Los Angeles" not in prompt and prompt.rstrip().endswith("Query: Bess Taffel\nUseful Output:")
+
+    server = fake_servers()
+    with SimulatedSearch(server.address, model="sim", mode="prompt") as sim:
+        sim.search([request, SearchRequest("Robert Boyle", request.question, ["Los Angeles"], noisy=False),
+                    dataclasses.replace(request, query="noisy one", noisy=True)])
+    by_query = {re.findall(r"^Query: (.*)$", p, flags=re.MULTILINE)[-1]: p for p in server.prompts}
+    assert "Los Angeles" not in by_query["Bess Taffel"] and by_query["Bess Taffel"] == prompt
+    assert "whose answer is Los Angeles" in by_query["Robert Boyle"]
+    assert "Noisy Output:" in by_query["noisy one"]  # a noisy draw stays noisy
+    with SimulatedSearch(server.address, model="sim", mode="sft") as sim, pytest.raises(ValueError, match="bridge"):
+        sim.search([request])
 
 
 def test_client_errors_are_not_retried(fake_servers) -> None:
