@@ -167,8 +167,8 @@ class SearchConfig:
     two_hop: bool = False
     """Two-hop simulation (prompt mode): for a question whose answer it does not name, the simulator is told the gold
     answer only for a follow-up query that names something the documents already retrieved gave and the question
-    does not (`rewards.new_name_share` >= 0.5); other useful searches get documents written from the query and question
-    alone (`simulate_prompt_bridge.txt`). Off, as upstream (docs/differences.md)."""
+    does not (`rewards.new_name_share` >= 0.5); other useful searches get documents written from the query alone
+    (`simulate_prompt_bridge.txt`). Off, as upstream (docs/differences.md)."""
     curriculum_base: float = 4.0
     """Base b of the curriculum p(step) = start + (b^(step/T) - 1)/(b - 1) * (end - start)."""
     topk: int = 5

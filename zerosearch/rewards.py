@@ -166,28 +166,30 @@ def query_overlap(query: str, question: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def query_support(query: str, text: str) -> float:
-    """The share of a search ``query``'s content words that ``text`` holds: 1.0 for a name copied from the
-    documents a trajectory has already retrieved (the second hop of a two-hop question), 0.0 for an empty
-    query. The relevance gate passes a follow-up query with enough of it (``search.min_query_overlap``)."""
-    q = _content_words(query)
-    if not q:
-        return 0.0
-    seen = set(normalize_answer(text).split())
-    return sum(t in seen for t in q) / len(q)
+def query_support(query: str, text: str, question: str = "") -> float:
+    """The share of a search ``query``'s content words that ``text`` holds and ``question`` (if given) lacks.
 
-
-def new_name_share(query: str, question: str, text: str) -> float:
-    """The share of a search ``query``'s content words that the ``question`` lacks and ``text`` (the documents a
-    trajectory has already retrieved) holds: 1.0 for "Robert Boyle" after documents that named him for "Where was
-    the husband of Bess Taffel born?", 0.0 for the question itself, for "Bess Taffel husband" and for an empty
-    query. ``search.two_hop`` gives the gold answer to the simulator only for a query where this is at least 0.5."""
+    Without a question: 1.0 for a name copied from the documents a trajectory has already retrieved (the second
+    hop of a two-hop question), 0.0 for an empty query; the relevance gate passes a follow-up query with enough of
+    it (``search.min_query_overlap``). With the question: only the words the documents gave that the question did
+    not, 1.0 for "Robert Boyle" after documents that named him for "Where was the husband of Bess Taffel born?",
+    0.0 for the question itself and for an empty query (:func:`new_name_share`)."""
     q = _content_words(query)
     if not q:
         return 0.0
     asked = set(_content_words(question))
     seen = set(normalize_answer(text).split())
-    return sum(t not in asked and t in seen for t in q) / len(q)
+    return sum(t in seen and t not in asked for t in q) / len(q)
+
+
+FOLLOW_UP_SHARE = 0.5
+"""`search.two_hop` gives the gold answer to the simulator only for a query with at least this `new_name_share`."""
+
+
+def new_name_share(query: str, question: str, text: str) -> float:
+    """The share of a search ``query``'s content words that the ``question`` lacks and ``text`` (the documents a
+    trajectory has already retrieved) holds: a bridge name the first search returned (``search.two_hop``)."""
+    return query_support(query, text, question)
 
 
 def shaped_reward(answer_score: float, has_answer: bool, retrieved_gold: bool, format_score: float = 0.0,

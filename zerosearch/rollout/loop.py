@@ -34,7 +34,7 @@ from pathlib import Path
 
 from zerosearch.config import ROLLOUT_PROTOCOLS as PROTOCOLS
 from zerosearch.config import RolloutConfig
-from zerosearch.rewards import new_name_share, query_overlap, query_support
+from zerosearch.rewards import FOLLOW_UP_SHARE, new_name_share, query_overlap, query_support
 from zerosearch.rollout.copying import answer_guessable
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
@@ -288,13 +288,13 @@ class AgentLoop:
         # keyed on the batch-wide index so that trajectory i of each rank does not share rank 0's draws.
         key = f"{batch.noise_seed}/{batch.uid_offset + traj.uid}/{traj.num_searches}"
         noisy = random.Random(key).random() < batch.p_noisy
-        gate = self.settings.min_query_overlap
+        gate, retrieved = self.settings.min_query_overlap, " ".join(traj.documents)
         if gate > 0 and not noisy and query_overlap(query, traj.question) < gate and (
-                query_support(query, " ".join(traj.documents)) < gate):  # nor a name the documents gave
+                query_support(query, retrieved) < gate):  # nor a name the documents gave
             noisy = True  # the simulator would write useful documents from the gold answer whatever the query
             traj.off_topic += 1
         hold = (self.settings.two_hop and not noisy and not answer_guessable(traj.question, traj.golden_answers)
-                and new_name_share(query, traj.question, " ".join(traj.documents)) < 0.5)
+                and new_name_share(query, traj.question, retrieved) < FOLLOW_UP_SHARE)
         traj.held_answer += hold
         traj.noisy_flags.append(noisy)
         traj.queries.append(query)
@@ -367,6 +367,7 @@ def loop_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     """Per-batch behaviour metrics of finished trajectories."""
     n = max(len(trajs), 1)
     actions = sum(t.turns for t in trajs) or 1
+    searches = max(sum(len(t.noisy_flags) for t in trajs), 1)
     return {
         "rollout/answer_rate": sum(t.answer is not None for t in trajs) / n,
         "rollout/valid_action_rate": 1.0 - sum(t.num_invalid for t in trajs) / actions,
@@ -378,13 +379,7 @@ def loop_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "rollout/finish_length": sum(t.finish_reason == "length" for t in trajs) / n,
         "rollout/finish_max_turns": sum(t.finish_reason == "max_turns" for t in trajs) / n,
         "rollout/finish_error": sum(t.finish_reason == "error" for t in trajs) / n,
-        "rollout/off_topic_share": (
-            sum(t.off_topic for t in trajs) / max(sum(len(t.noisy_flags) for t in trajs), 1)
-        ),
-        "rollout/held_answer_share": (
-            sum(t.held_answer for t in trajs) / max(sum(len(t.noisy_flags) for t in trajs), 1)
-        ),
-        "rollout/noisy_share": (
-            sum(bool(f) for t in trajs for f in t.noisy_flags) / max(sum(len(t.noisy_flags) for t in trajs), 1)
-        ),
+        "rollout/off_topic_share": sum(t.off_topic for t in trajs) / searches,
+        "rollout/held_answer_share": sum(t.held_answer for t in trajs) / searches,
+        "rollout/noisy_share": sum(bool(f) for t in trajs for f in t.noisy_flags) / searches,
     }
