@@ -279,8 +279,14 @@ def test_two_hop_simulation_holds_the_answer_back_until_a_follow_up_names_what_t
     # first documents named and the question did not, gets the answer; a named question is never held back
     assert held == {"mayor capital of France": True, "Paris": False, "mayor capital France": True,
                     "France mayor": True, "Paris or Lyon": False}
+    assert [t.held_flags for t in trajs] == [[True, False], [True, True], [False]]
     assert [t.held_answer for t in trajs] == [1, 2, 0]
-    assert loop_metrics(trajs)["rollout/held_answer_share"] == 3 / 5
+    metrics = loop_metrics(trajs)
+    assert metrics["rollout/held_answer_share"] == 3 / 5
+    # the documents ("... Paris is the capital of France. [query]") hold "Paris" (the named question's answer), never
+    # "Anne Hidalgo": useful searches 1 of 2 (Paris, Paris or Lyon), held 0 of 3, and no noisy search, so no key
+    assert metrics["rollout/answer_in_useful"] == 1 / 2 and metrics["rollout/answer_in_held"] == 0.0
+    assert "rollout/answer_in_noisy" not in metrics
 
     search = RecordingSearch()  # off (the default, as upstream)
     loop, engine = make_loop(smollm2_tokenizer, [hops], search=search, max_turns=3)
@@ -289,8 +295,16 @@ def test_two_hop_simulation_holds_the_answer_back_until_a_follow_up_names_what_t
 
     search = RecordingSearch()  # a noisy draw is noisy, not held
     loop, engine = make_loop(smollm2_tokenizer, [hops], search=search, max_turns=3, two_hop=True)
-    run(loop, engine, [open_question], p_noisy=1.0)
+    trajs, _ = run(loop, engine, [open_question], p_noisy=1.0)
     assert all(r.noisy and not r.hold_answer for r in search.requests)
+    assert loop_metrics(trajs)["rollout/answer_in_noisy"] == 0.0 and "rollout/answer_in_useful" not in loop_metrics(trajs)
+
+    # a real engine's searches (noisy None) are no simulator's: no answer_in_* key
+    real = RecordingSearch()
+    real.search = lambda requests: [SearchResult(text="Anne Hidalgo is the mayor of Paris.", noisy=None) for _ in requests]
+    loop, engine = make_loop(smollm2_tokenizer, [hops], search=real, max_turns=3, two_hop=True)
+    trajs, _ = run(loop, engine, [open_question])
+    assert trajs[0].noisy_flags == [None, None] and not any(k.startswith("rollout/answer_in") for k in loop_metrics(trajs))
 
 
 def test_groups_and_request_to_backend(smollm2_tokenizer):

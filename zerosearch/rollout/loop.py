@@ -34,7 +34,7 @@ from pathlib import Path
 
 from zerosearch.config import ROLLOUT_PROTOCOLS as PROTOCOLS
 from zerosearch.config import RolloutConfig
-from zerosearch.rewards import FOLLOW_UP_SHARE, new_name_share, query_overlap, query_support
+from zerosearch.rewards import FOLLOW_UP_SHARE, new_name_share, query_overlap, query_support, retrieval_hit
 from zerosearch.rollout.copying import answer_guessable
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
@@ -295,7 +295,7 @@ class AgentLoop:
             traj.off_topic += 1
         hold = (self.settings.two_hop and not noisy and not answer_guessable(traj.question, traj.golden_answers)
                 and new_name_share(query, traj.question, retrieved) < FOLLOW_UP_SHARE)
-        traj.held_answer += hold
+        traj.held_flags.append(hold)
         traj.noisy_flags.append(noisy)
         traj.queries.append(query)
         request = SearchRequest(query=query, question=traj.question, golden_answers=traj.golden_answers, noisy=noisy,
@@ -368,7 +368,16 @@ def loop_metrics(trajs: list[Trajectory]) -> dict[str, float]:
     n = max(len(trajs), 1)
     actions = sum(t.turns for t in trajs) or 1
     searches = max(sum(len(t.noisy_flags) for t in trajs), 1)
+    # How often the simulator's documents hold a gold answer, by what it was asked for: useful (told the answer),
+    # noisy, held back (two-hop first hop, not told). The simulator eval's "answer in useful / noisy" columns,
+    # measured on the training searches; a kind that did not occur (or a real engine's search) adds no key.
+    hits: dict[str, list[bool]] = {"useful": [], "noisy": [], "held": []}
+    for t in trajs:
+        for noisy, held, document in zip(t.noisy_flags, t.held_flags, t.documents):
+            if noisy is not None:
+                hits["noisy" if noisy else "held" if held else "useful"].append(retrieval_hit([document], t.golden_answers))
     return {
+        **{f"rollout/answer_in_{kind}": sum(h) / len(h) for kind, h in hits.items() if h},
         "rollout/answer_rate": sum(t.answer is not None for t in trajs) / n,
         "rollout/valid_action_rate": 1.0 - sum(t.num_invalid for t in trajs) / actions,
         "rollout/searches_per_traj": sum(t.num_searches for t in trajs) / n,

@@ -31,8 +31,9 @@ class Trajectory:
     noisy_flags: list[bool | None] = field(default_factory=list)
     off_topic: int = 0
     """Searches the relevance gate (`LoopSettings.min_query_overlap`) sent noisy documents to."""
-    held_answer: int = 0
-    """Useful searches whose documents the simulator wrote without the gold answer (`LoopSettings.two_hop`)."""
+    held_flags: list[bool] = field(default_factory=list)
+    """Per search: a useful search whose documents the simulator wrote without the gold answer
+    (`LoopSettings.two_hop`)."""
     queries: list[str] = field(default_factory=list)
     documents: list[str] = field(default_factory=list)
     """What the search backend returned, one text per search, as appended (cut where the observation was
@@ -50,6 +51,11 @@ class Trajectory:
     @property
     def done(self) -> bool:
         return bool(self.finish_reason)
+
+    @property
+    def held_answer(self) -> int:
+        """How many of the searches were held back (`held_flags`)."""
+        return sum(self.held_flags)
 
     @property
     def num_policy_tokens(self) -> int:
@@ -95,6 +101,7 @@ class Trajectory:
             "finish_reason": self.finish_reason,
             "error": self.error,
             "noisy_flags": self.noisy_flags,
+            "held_flags": self.held_flags,
             "queries": self.queries,
             "documents": self.documents,
             "obs_truncated": self.obs_truncated,

@@ -588,8 +588,8 @@ def dump_rollouts(path: Path, trajs: list[Trajectory], reward: torch.Tensor) -> 
     with open(path, "w") as f:
         f.writelines(json.dumps({"group": t.group, "question": t.question, "golden_answers": t.golden_answers,
                                 "response_text": t.response_text, "answer": t.answer, "reward": r,
-                                "queries": t.queries, "noisy_flags": t.noisy_flags, "documents": t.documents,
-                                "finish_reason": t.finish_reason}, ensure_ascii=False) + "\n" for t, r in zip(trajs, reward.tolist()))
+                                "queries": t.queries, "noisy_flags": t.noisy_flags, "held_flags": t.held_flags,
+                                "documents": t.documents, "finish_reason": t.finish_reason}, ensure_ascii=False) + "\n" for t, r in zip(trajs, reward.tolist()))
 
 
 def _plain(cfg: Config) -> dict:
