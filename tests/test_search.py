@@ -572,6 +572,46 @@ def test_a_held_answer_request_uses_the_bridge_template_without_the_answer(fake_
         sim.search([request])
 
 
+def test_sim_replay_sorts_a_runs_searches_and_counts_answers_per_kind(fake_servers, tmp_path, monkeypatch,
+                                                                       capsys) -> None:
+    """`scripts/sim_replay.py`: useful searches sorted as the two-hop loop does (follow-up / named / held), noisy and
+    real-engine searches left out, each kind's answer share counted over what the server wrote."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("sim_replay", Path(__file__).parents[1] / "scripts" / "sim_replay.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    mayor, larger = "Who is the mayor of the capital of France?", "Which is larger, Paris or Lyon?"
+    rows = [
+        {"question": mayor, "golden_answers": ["Anne Hidalgo"], "queries": ["mayor capital of France", "Paris", "Lyon"],
+         "noisy_flags": [False, False, True], "documents": ["Doc 1: Paris is the capital.", "Doc 1: x", "Doc 1: y"]},
+        {"question": larger, "golden_answers": ["Paris"], "queries": ["Paris or Lyon"], "noisy_flags": [False],
+         "documents": ["Doc 1: about Paris"]},
+        {"question": larger, "golden_answers": ["Paris"], "queries": ["Paris size"], "noisy_flags": [None],
+         "documents": ["Doc 1: Paris (real engine)"]},
+    ]
+    (tmp_path / "rollouts").mkdir()
+    (tmp_path / "rollouts" / "step_1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pool = replay.searches([str(tmp_path)])
+    assert pool == {"follow": {("Paris", mayor): ["Anne Hidalgo"]}, "named": {("Paris or Lyon", larger): ["Paris"]},
+                    "held": {("mayor capital of France", mayor): ["Anne Hidalgo"]}}
+
+    server = fake_servers()  # its documents echo the query: only "Paris or Lyon" gets documents with its answer
+    out = tmp_path / "replay.json"
+    monkeypatch.setattr(sys, "argv", ["sim_replay.py", "--runs", str(tmp_path), "--server", server.address,
+                                      "--model", "sim", "--reps", "2", "--out", str(out)])
+    assert replay.main() == 0
+    assert "| sim | 0.8 | 0% of 2 | 100% of 2 | 0% of 2 |" in capsys.readouterr().out
+    assert len(json.loads(out.read_text())) == 6 and server.requests == 6
+    by_query: dict[str, list[str]] = {}
+    for prompt in server.prompts:
+        by_query.setdefault(re.findall(r"^Query: (.*)$", prompt, flags=re.MULTILINE)[-1], []).append(prompt)
+    assert sorted(by_query) == ["Paris", "Paris or Lyon", "mayor capital of France"]
+    assert not any("Anne Hidalgo" in p for p in by_query["mayor capital of France"])  # the bridge prompt
+    assert all("Anne Hidalgo" in p for p in by_query["Paris"])  # a follow-up is told the answer
+
+
 def test_client_errors_are_not_retried(fake_servers) -> None:
     server = fake_servers(fail_first=10, fail_status=404)
     expected = r"failed after 1 attempt\(s\).*NotFoundError.*model name 'wrong-name'"
