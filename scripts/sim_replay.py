@@ -3,10 +3,11 @@
     .venv/bin/python scripts/sim_replay.py --runs RUN [RUN ...] --server 127.0.0.1:6011 --model NAME
         [--temperature 0.8] [--reps 2] [--follow 60] [--named 40] [--held 30] [--seed 0] [--out FILE]
 
-It reads the useful (not noisy) searches of `RUN/rollouts/step_*.jsonl` and sorts them the way the agent loop's
-two-hop simulation does (`search.two_hop`, docs/differences.md):
-- `follow`: an open question (`answer_guessable` false) searched for a name its earlier documents gave
-  (`new_name_share` >= `FOLLOW_UP_SHARE`): the simulator is told the answer;
+It reads the useful (not noisy) searches of `RUN/rollouts/step_*.jsonl` and sorts them with the agent loop's
+two-hop rule (`rollout.loop.answer_held_back`; `search.two_hop`, docs/differences.md), so runs that did not use it
+can be replayed too:
+- `follow`: an open question (`answer_guessable` false) searched for a name its earlier documents gave: the
+  simulator is told the answer;
 - `named`: a question that names its answer ("A or B?", yes/no): the simulator is told the answer;
 - `held`: an open question's other searches: written from the bridge prompt, without the answer.
 A seeded sample of each kind (one row per distinct query and question) is sent `--reps` times to the simulation
@@ -26,8 +27,9 @@ import json
 import random
 from pathlib import Path
 
-from zerosearch.rewards import FOLLOW_UP_SHARE, new_name_share, retrieval_hit
+from zerosearch.rewards import retrieval_hit
 from zerosearch.rollout.copying import answer_guessable
+from zerosearch.rollout.loop import answer_held_back
 from zerosearch.search.base import SearchRequest
 from zerosearch.search.simulated import SimulatedSearch
 
@@ -46,9 +48,8 @@ def searches(runs: list[str]) -> dict[str, dict[tuple[str, str], list[str]]]:
                 for i, (query, noisy) in enumerate(zip(row["queries"], row["noisy_flags"])):
                     if noisy is not False:  # noisy, or a real engine's search
                         continue
-                    earlier = " ".join(row["documents"][:i])
-                    follow = new_name_share(query, row["question"], earlier) >= FOLLOW_UP_SHARE
-                    kind = "named" if named else "follow" if follow else "held"
+                    held = answer_held_back(query, row["question"], row["golden_answers"], " ".join(row["documents"][:i]))
+                    kind = "named" if named else "held" if held else "follow"
                     pool[kind][(query, row["question"])] = row["golden_answers"]
     return pool
 

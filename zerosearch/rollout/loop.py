@@ -293,8 +293,8 @@ class AgentLoop:
                 query_support(query, retrieved) < gate):  # nor a name the documents gave
             noisy = True  # the simulator would write useful documents from the gold answer whatever the query
             traj.off_topic += 1
-        hold = (self.settings.two_hop and not noisy and not answer_guessable(traj.question, traj.golden_answers)
-                and new_name_share(query, traj.question, retrieved) < FOLLOW_UP_SHARE)
+        hold = self.settings.two_hop and not noisy and answer_held_back(query, traj.question, traj.golden_answers,
+                                                                        retrieved)
         traj.held_flags.append(hold)
         traj.noisy_flags.append(noisy)
         traj.queries.append(query)
@@ -361,6 +361,13 @@ class AgentLoop:
         traj.response_text = self.tokenizer.decode(traj.response_ids, skip_special_tokens=False)
         if batch.progress is not None:
             batch.progress.update(1)
+
+
+def answer_held_back(query: str, question: str, golden_answers: list[str], retrieved: str) -> bool:
+    """Two-hop simulation (`LoopSettings.two_hop`): whether a useful search gets documents written without the gold
+    answer. Yes for a question whose answer it does not name, unless the query is a follow-up: at least
+    `FOLLOW_UP_SHARE` of its words are new to the question and given by the documents `retrieved` so far."""
+    return not answer_guessable(question, golden_answers) and new_name_share(query, question, retrieved) < FOLLOW_UP_SHARE
 
 
 def loop_metrics(trajs: list[Trajectory]) -> dict[str, float]:
