@@ -172,6 +172,21 @@ def test_grpo_advantages_follow_groups_and_mask():
     assert adv[0][0] == pytest.approx(-adv[1][0])
 
 
+def test_search_reward_covariance_says_whether_a_step_rewards_searching_more():
+    cfg = load_config("cpu")
+    trajs = [_traj([1], [5, 6, 7], [1, 0, 1], group=g, uid=i) for i, g in enumerate([0, 0, 1, 1, 2, 2])]
+    for t, n in zip(trajs, [2, 1, 1, 1, 2, 1]):
+        t.num_searches = n
+    # group 0: the two-search trajectory scored 1, its sibling 0; group 1: same searches; group 2: searching twice lost
+    reward = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 0.5])
+    m = compute_advantages(cfg, trajs, reward, None, None, None)[2]
+    assert m["rollout/mixed_search_group_share"] == pytest.approx(2 / 3)
+    # group 0: ((0.5)(0.5) + (-0.5)(-0.5)) / 2 = 0.25; group 1: 0; group 2: ((-0.25)(0.5) + (0.25)(-0.5)) / 2 = -0.125
+    assert m["reward/search_cov"] == pytest.approx((0.25 + 0.0 - 0.125) / 3)
+    reward[4], reward[5] = 1.0, 0.0  # now searching twice wins in both mixed groups
+    assert compute_advantages(cfg, trajs, reward, None, None, None)[2]["reward/search_cov"] > 0.125
+
+
 def test_a_trajectory_cut_short_by_a_failed_search_leaves_its_siblings_advantages_alone():
     cfg = load_config("cpu")
     trajs = [_traj([1], [5, 6, 7], [1, 0, 1], group=0, uid=i) for i in range(4)]

@@ -116,6 +116,7 @@ def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tenso
     adv, returns = estimator(token_rewards, mask, groups, vals, gamma=a.gamma, lam=a.lam)  # [B, R] x2
     metrics["adv/mean_abs"] = float((adv.abs() * mask).sum() / mask.sum().clamp(min=1))
     metrics["reward/zero_std_group_share"] = zero_std_group_share(groups, reward)
+    metrics.update(search_reward_covariance(groups, reward, [t.num_searches for t in trajs]))
     return adv, returns, metrics
 
 
@@ -132,6 +133,25 @@ def zero_std_group_share(groups: list, reward: torch.Tensor) -> float:
         by_group.setdefault(g, []).append(r)
     sized = [rs for rs in by_group.values() if len(rs) > 1]
     return sum(not rewards_differ(rs) for rs in sized) / max(len(sized), 1)
+
+
+def search_reward_covariance(groups: list, reward: torch.Tensor, searches: list[int]) -> dict[str, float]:
+    """Whether this step's rewards favour searching more: within each prompt group (of two or more trajectories),
+    the covariance of reward and number of searches, averaged over the groups (`reward/search_cov`: > 0 when the
+    trajectories that searched more than their siblings scored more, so a group-relative update pushes towards
+    more searches), and the share of groups whose trajectories searched a different number of times
+    (`rollout/mixed_search_group_share`: only these can teach how often to search)."""
+    by_group: dict = {}
+    for g, r, s in zip(groups, reward.tolist(), searches):
+        by_group.setdefault(g, []).append((r, s))
+    sized = [rs for rs in by_group.values() if len(rs) > 1]
+    covs = []
+    for rs in sized:
+        mean_r, mean_s = sum(r for r, _ in rs) / len(rs), sum(s for _, s in rs) / len(rs)
+        covs.append(sum((r - mean_r) * (s - mean_s) for r, s in rs) / len(rs))
+    n = max(len(sized), 1)
+    return {"reward/search_cov": sum(covs) / n,
+            "rollout/mixed_search_group_share": sum(len({s for _, s in rs}) > 1 for rs in sized) / n}
 
 
 def search_stats(actor: WorkerGroup) -> dict[str, float]:
