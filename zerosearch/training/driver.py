@@ -128,11 +128,16 @@ def rewards_differ(rewards: list[float]) -> bool:
 def zero_std_group_share(groups: list, reward: torch.Tensor) -> float:
     """The share of prompt groups (of two or more trajectories) whose rewards are all equal: GRPO gives them no
     advantage, so they teach nothing this step (TRL's `frac_reward_zero_std`)."""
-    by_group: dict = {}
-    for g, r in zip(groups, reward.tolist()):
-        by_group.setdefault(g, []).append(r)
-    sized = [rs for rs in by_group.values() if len(rs) > 1]
+    sized = sized_groups(groups, reward.tolist())
     return sum(not rewards_differ(rs) for rs in sized) / max(len(sized), 1)
+
+
+def sized_groups(groups: list, values: list) -> list[list]:
+    """`values` gathered by prompt group, keeping the groups of two or more (a lone trajectory has no siblings)."""
+    by_group: dict = {}
+    for g, v in zip(groups, values):
+        by_group.setdefault(g, []).append(v)
+    return [vs for vs in by_group.values() if len(vs) > 1]
 
 
 def search_reward_covariance(groups: list, reward: torch.Tensor, searches: list[int]) -> dict[str, float]:
@@ -141,10 +146,7 @@ def search_reward_covariance(groups: list, reward: torch.Tensor, searches: list[
     trajectories that searched more than their siblings scored more, so a group-relative update pushes towards
     more searches), and the share of groups whose trajectories searched a different number of times
     (`rollout/mixed_search_group_share`: only these can teach how often to search)."""
-    by_group: dict = {}
-    for g, r, s in zip(groups, reward.tolist(), searches):
-        by_group.setdefault(g, []).append((r, s))
-    sized = [rs for rs in by_group.values() if len(rs) > 1]
+    sized = sized_groups(groups, list(zip(reward.tolist(), searches)))
     covs = []
     for rs in sized:
         mean_r, mean_s = sum(r for r, _ in rs) / len(rs), sum(s for _, s in rs) / len(rs)
