@@ -1027,6 +1027,27 @@ def test_train_questions_keeps_the_open_or_the_named_questions_of_the_training_s
         load_config("cpu", ["data.train_questions=closed"])
 
 
+def test_train_named_share_keeps_every_open_question_and_a_fixed_share_of_named_ones():
+    from zerosearch.data import load_samples
+    from zerosearch.rollout.copying import answer_guessable
+
+    def train(*overrides):
+        cfg = load_config("cpu", ["data.train_sources=[2wikimultihopqa]", *overrides])
+        return load_samples(cfg, cfg.data.train_split)
+
+    every, open_ = train(), train("data.train_questions=open")
+    mixed = train("data.train_named_share=0.25")
+    named = [s for s in mixed if answer_guessable(s.question, s.golden_answers)]
+    assert [s for s in mixed if s not in named] == open_  # every open question, in order
+    assert len(named) == round(0.25 * len(open_) / 0.75) and 0 < len(named) < len(every) - len(open_)
+    assert train("data.train_named_share=0.25", "trainer.seed=7") == mixed  # the same questions whatever the seed
+    assert train("data.train_named_share=0.0") == open_
+    assert train("data.train_named_share=0.99") == every  # too few named ones: all of them, with a warning
+    for bad, match in (("data.train_named_share=1.0", "not in"), ("data.train_questions=open", "train_questions=all")):
+        with pytest.raises(ConfigError, match=match):
+            load_config("cpu", ["data.train_named_share=0.5", bad] if "questions" in bad else [bad])
+
+
 def test_train_both_orders_adds_each_a_or_b_question_swapped():
     from zerosearch.data import load_samples
     from zerosearch.rewards import normalize_answer

@@ -90,6 +90,11 @@ class DataConfig:
     only on those where it does (`named`: "…, A or B?" with A or B the gold, and yes/no questions;
     `copying.answer_guessable`). A policy can answer a named question by guessing among what it offers; an open
     one it has to look up. The held-out set stays whole. Upstream has no such option."""
+    train_named_share: float | None = None
+    """With `train_questions=all`: keep every open question of the training split and a random subset of the named
+    ones (the same subset whatever `trainer.seed`), so that named questions make this share of it (null = keep them
+    all). Training on open questions only teaches a second search but costs the named ones; this keeps some named
+    questions in the reward. Upstream has no such option."""
     train_both_orders: bool = False
     """Also train on every "…, A or B?" training question whose gold answer is A or B asked "…, B or A?", so the gold
     is the last option exactly half the time: naming the last option then earns nothing on average, and only
@@ -536,6 +541,10 @@ def validate(cfg: Config) -> None:
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     _one_of(cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
     _one_of(d.train_questions, ("all", "open", "named"), "data.train_questions")
+    if d.train_named_share is not None:
+        _check(0.0 <= d.train_named_share < 1.0, "data.train_named_share", f"{d.train_named_share} is not in [0, 1)")
+        _check(d.train_questions == "all", "data.train_named_share",
+               f"mixes open and named questions, so needs data.train_questions=all, not '{d.train_questions}'")
     _check(not cfg.actor.share_prompts or cfg.model.attn_implementation in ("sdpa", "sdpa_fp32", "eager"),
            "actor.share_prompts", f"needs an attention that takes a 4D mask, not '{cfg.model.attn_implementation}'; "
            "set model.attn_implementation=sdpa or actor.share_prompts=false")

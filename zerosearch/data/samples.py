@@ -1,5 +1,5 @@
 """The QA samples a command runs on, chosen by the config: a split of `data.path`, the training split narrowed
-to `data.train_sources` and `data.train_questions`, the prompts rebuilt from `data.prompt_template`."""
+to `data.train_sources`, `data.train_questions` and `data.train_named_share`, the prompts rebuilt from `data.prompt_template`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def load_samples(cfg: Config, split: str) -> list[QASample]:
         if not samples:
             raise ConfigError(f"data.train_questions={cfg.data.train_questions}: no question of the "
                              f"{split!r} split of {cfg.data.path} is of that kind; set data.train_questions=all")
+    if cfg.data.train_named_share is not None and split == cfg.data.train_split:
+        samples = with_named_share(samples, cfg.data.train_named_share)
     if cfg.data.prompt_template:
         for sample in samples:
             sample.prompt = build_prompt(sample.question, cfg.data.prompt_template)
@@ -44,6 +46,28 @@ def load_samples(cfg: Config, split: str) -> list[QASample]:
         first = max((s.index for s in samples), default=-1) + 1
         samples += [dataclasses.replace(s, index=first + k) for k, s in enumerate(swapped_samples(samples))]
     return samples
+
+
+def with_named_share(samples: list[QASample], share: float) -> list[QASample]:
+    """Every open question of `samples` and a random subset (seed 0) of the named ones, as many as make `share` of
+    the result (`data.train_named_share`), in their order. All of the named ones when there are too few."""
+    import random
+
+    from zerosearch.rollout.copying import answer_guessable
+
+    named = [s.index for s in samples if answer_guessable(s.question, s.golden_answers)]
+    n_open = len(samples) - len(named)
+    want = round(share * n_open / (1.0 - share))
+    if want > len(named):
+        logger.warning("data.train_named_share=%s wants %d named questions beside the %d open ones; the split has "
+                       "%d, keeping them all (share %.2f)", share, want, n_open, len(named),
+                       len(named) / max(len(samples), 1))
+        return samples
+    keep = set(random.Random(0).sample(named, want))
+    out = [s for s in samples if s.index in keep or not answer_guessable(s.question, s.golden_answers)]
+    logger.info("data.train_named_share=%s: training on %d open and %d of %d named questions", share, n_open,
+                want, len(named))
+    return out
 
 
 def swapped_samples(samples: list[QASample]) -> list[QASample]:
