@@ -398,3 +398,18 @@ def test_new_name_share_counts_query_words_the_documents_gave_and_the_question_l
     assert new_name_share("Bess Taffel screenwriter", question, docs) == 1 / 3  # one new word, not a name
     assert new_name_share("Robert Boyle", question, "") == 0.0  # a name the documents never gave
     assert new_name_share("", question, docs) == 0.0
+
+
+def test_search_cost_charges_each_search_of_a_training_reward_only():
+    from zerosearch.config import ConfigError, load_config
+    from zerosearch.training.driver import score
+
+    q = "Who directed the film Dead Mine?"
+    trajs = [_traj(q, answer="Steven Sheil", golds=["Steven Sheil"], queries=["Dead Mine director"] * k)
+             for k in (0, 1, 2, 3)]
+    reward, metrics = score(trajs, "f1", search_cost=0.05)
+    assert reward.tolist() == pytest.approx([1.0, 0.95, 0.90, 0.85])  # a search that changes nothing now costs
+    assert metrics["reward/f1"] == 1.0  # logged F1 is the answer's
+    assert score(trajs, "f1")[0].tolist() == [1.0] * 4  # 0: as ZeroSearch
+    with pytest.raises(ConfigError, match="algorithm.search_cost"):
+        load_config("cpu", ["algorithm.search_cost=-0.1"])
