@@ -400,16 +400,17 @@ def test_new_name_share_counts_query_words_the_documents_gave_and_the_question_l
     assert new_name_share("", question, docs) == 0.0
 
 
-def test_search_cost_charges_each_search_of_a_training_reward_only():
+def test_search_discount_scales_a_training_reward_by_each_search():
     from zerosearch.config import ConfigError, load_config
     from zerosearch.training.driver import score
 
     q = "Who directed the film Dead Mine?"
-    trajs = [_traj(q, answer="Steven Sheil", golds=["Steven Sheil"], queries=["Dead Mine director"] * k)
-             for k in (0, 1, 2, 3)]
-    reward, metrics = score(trajs, "f1", search_cost=0.05)
-    assert reward.tolist() == pytest.approx([1.0, 0.95, 0.90, 0.85])  # a search that changes nothing now costs
-    assert metrics["reward/f1"] == 1.0  # logged F1 is the answer's
-    assert score(trajs, "f1")[0].tolist() == [1.0] * 4  # 0: as ZeroSearch
-    with pytest.raises(ConfigError, match="algorithm.search_cost"):
-        load_config("cpu", ["algorithm.search_cost=-0.1"])
+    trajs = [_traj(q, answer=a, golds=["Steven Sheil"], queries=["Dead Mine director"] * k)
+             for a, k in (("Steven Sheil", 0), ("Steven Sheil", 1), ("Steven Sheil", 2), ("Steven Sheil", 3),
+                          ("Mark Sheil", 1), ("Nobody", 3))]
+    reward, metrics = score(trajs, "f1", search_discount=0.9)
+    assert reward.tolist() == pytest.approx([1.0, 0.9, 0.81, 0.729, 0.5 * 0.9, 0.0])  # fewer searches earn more
+    assert metrics["reward/f1"] == pytest.approx((4 + 0.5) / 6)  # logged F1 is the answer's
+    assert score(trajs, "f1")[0].tolist() == pytest.approx([1, 1, 1, 1, 0.5, 0])  # 1: as ZeroSearch
+    with pytest.raises(ConfigError, match="algorithm.search_discount"):
+        load_config("cpu", ["algorithm.search_discount=1.1"])

@@ -224,10 +224,12 @@ class AlgorithmConfig:
     retrieval_score: float = 0.0
     """Search-R1's retrieval score: added to the format floor when a gold answer appears in a retrieved
     `<information>` block (0 = off, as ZeroSearch). Rewards searches that find the answer."""
-    search_cost: float = 0.0
-    """Subtracted from a training trajectory's reward for each search it made (0 = none, as ZeroSearch). Without
-    it a search that changes nothing is free, and a policy that learned to search twice went on to three
-    (docs/results.md, thirteenth session). Validation scores and logged F1/EM do not include it."""
+    search_discount: float = 1.0
+    """Multiply a training trajectory's reward by this for each search it made (1 = none, as ZeroSearch): a
+    per-search discount, so that of two right answers the one with fewer searches earns more. Without it a search
+    that changes nothing is free, and a policy that learned a second search went on to a third (docs/results.md,
+    thirteenth session). A discount, not a cost: a group whose answers all score 0 stays at 0, where a cost would
+    rank its trajectories by how little they searched. Validation scores and logged F1/EM leave it out."""
     use_kl_loss: bool = True
     """Add `kl_coef * KL(policy || reference)` to the actor loss (grpo, reinforce)."""
     use_kl_in_reward: bool = False
@@ -564,7 +566,7 @@ def validate(cfg: Config) -> None:
     _one_of(a.kl_type, KL_TYPES, "algorithm.kl_type")
     _one_of(a.reward_metric, REWARD_METRICS, "algorithm.reward_metric")
     _check(0.0 <= a.format_score < 1.0, "algorithm.format_score", "must be in [0, 1)")
-    _check(0.0 <= a.search_cost < 0.5, "algorithm.search_cost", f"{a.search_cost} is not in [0, 0.5)")
+    _check(0.5 <= a.search_discount <= 1.0, "algorithm.search_discount", f"{a.search_discount} is not in [0.5, 1]")
     _check(0.0 <= a.retrieval_score and a.format_score + a.retrieval_score < 1.0, "algorithm.retrieval_score",
            "must be >= 0, and format_score + retrieval_score < 1 (a correct answer must pay most)")
     _check(a.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0 (it is a penalty toward the reference policy)")

@@ -82,12 +82,12 @@ def assess(trajs: list[Trajectory], metric: str = "f1", format_score: float = 0.
 
 def score(trajs: list[Trajectory], metric: str, format_score: float = 0.0, retrieval_score: float = 0.0,
           template: str = "", assessed: list[dict] | None = None,
-          search_cost: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """The reward of each trajectory [B] (F1 or EM of its answer with Search-R1's shaping, see `assess`, less
-    `search_cost` per search it made) and the batch's reward metrics. `assessed`: `assess(trajs, ...)` when the
-    caller already has it."""
+          search_discount: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The reward of each trajectory [B] (F1 or EM of its answer with Search-R1's shaping, see `assess`, times
+    `search_discount` per search it made) and the batch's reward metrics. `assessed`: `assess(trajs, ...)` when
+    the caller already has it."""
     rows = assess(trajs, metric, format_score, retrieval_score, template) if assessed is None else assessed
-    reward = torch.tensor([row["score"] - search_cost * t.num_searches for row, t in zip(rows, trajs, strict=True)],
+    reward = torch.tensor([row["score"] * search_discount**t.num_searches for row, t in zip(rows, trajs, strict=True)],
                           dtype=torch.float32)  # [B]
     n = max(len(trajs), 1)
     return reward, {
@@ -522,7 +522,7 @@ def sample_groups(run: TrainingRun, p_noisy: float, step: int, timer: PhaseTimer
             t.train_observations = not a.mask_retrieved_tokens
         with timer("reward"):
             reward, reward_metrics = score(trajs, a.reward_metric, a.format_score, a.retrieval_score,
-                                           cfg.data.prompt_template, search_cost=a.search_cost)
+                                           cfg.data.prompt_template, search_discount=a.search_discount)
         if not a.filter_groups:
             return trajs, reward, metrics, reward_metrics
         batch_metrics.append(reward_metrics)
