@@ -172,6 +172,19 @@ def test_grpo_advantages_follow_groups_and_mask():
     assert adv[0][0] == pytest.approx(-adv[1][0])
 
 
+def test_dr_grpo_centres_without_dividing_so_a_small_reward_difference_moves_little():
+    """Two equal right answers, one with a search more, under `algorithm.search_discount=0.9`: rewards 0.9 and 0.81.
+    Divided by the group's std, that 0.09 becomes a full +-0.71 advantage, as large as right against wrong; centred
+    only (Dr. GRPO) it stays +-0.045."""
+    trajs = [_traj([1], [5, 6, 7], [1, 0, 1], group=g, uid=i) for i, g in enumerate([0, 0, 1, 1])]
+    reward = torch.tensor([0.9, 0.81, 0.9, 0.0])
+    std_adv = compute_advantages(load_config("cpu"), trajs, reward, None, None, None)[0][:, 0].tolist()
+    cfg = load_config("cpu", ["algorithm.norm_adv_by_std_in_grpo=false"])
+    adv = compute_advantages(cfg, trajs, reward, None, None, None)[0][:, 0].tolist()
+    assert std_adv[0] == pytest.approx(std_adv[2], rel=1e-4) == pytest.approx(0.5**0.5, rel=1e-4)
+    assert adv == pytest.approx([0.045, -0.045, 0.45, -0.45])
+
+
 def test_search_reward_covariance_says_whether_a_step_rewards_searching_more():
     cfg = load_config("cpu")
     trajs = [_traj([1], [5, 6, 7], [1, 0, 1], group=g, uid=i) for i, g in enumerate([0, 0, 1, 1, 2, 2])]

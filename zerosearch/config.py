@@ -212,6 +212,10 @@ class AlgorithmConfig:
     adv_estimator: str = "grpo"
     """Advantage estimator: `grpo`, `gae` (PPO), `reinforce` (upstream's: the outcome on every token, no baseline),
     `reinforce_plus_plus` or `rloo`."""
+    norm_adv_by_std_in_grpo: bool = True
+    """GRPO divides each advantage by its group's reward std (verl's default); false only centres it (Dr. GRPO),
+    so a group whose rewards differ a little (a `search_discount` between equal answers) moves the policy a
+    little."""
     gamma: float = 1.0
     """Discount factor (gae, reinforce_plus_plus)."""
     lam: float = 1.0
@@ -229,7 +233,10 @@ class AlgorithmConfig:
     per-search discount, so that of two right answers the one with fewer searches earns more. Without it a search
     that changes nothing is free, and a policy that learned a second search went on to a third (docs/results.md,
     thirteenth session). A discount, not a cost: a group whose answers all score 0 stays at 0, where a cost would
-    rank its trajectories by how little they searched. Validation scores and logged F1/EM leave it out."""
+    rank its trajectories by how little they searched. But with GRPO's division by the group's std, two equal
+    right answers that searched once and twice still get a full +-0.71 advantage apart (0.9 against 0.81): it
+    ended the second search within two steps (docs/results.md, fourteenth session); pair it with
+    `norm_adv_by_std_in_grpo=false`. Validation scores and logged F1/EM leave it out."""
     use_kl_loss: bool = True
     """Add `kl_coef * KL(policy || reference)` to the actor loss (grpo, reinforce)."""
     use_kl_in_reward: bool = False

@@ -167,10 +167,12 @@ def compute_grpo_advantage(
     gamma: float = 1.0,
     lam: float = 1.0,
     eps: float = 1e-6,
+    norm_by_std: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """GRPO outcome advantage broadcast over the valid tokens; returns == advantages (no critic)."""
+    """GRPO outcome advantage broadcast over the valid tokens; returns == advantages (no critic).
+    ``norm_by_std=False``: centred only (Dr. GRPO; verl's ``norm_adv_by_std_in_grpo=False``)."""
     scores = _sequence_scores(token_rewards, response_mask)  # [batch]
-    adv = grpo_advantages(scores, _require_groups(group_ids, "grpo"), eps=eps)  # [batch]
+    adv = grpo_advantages(scores, _require_groups(group_ids, "grpo"), eps=eps, norm_by_std=norm_by_std)  # [batch]
     adv = torch.where(response_mask.bool(), adv[:, None], 0.0)  # [batch, seq]
     return adv, adv
 

@@ -116,7 +116,8 @@ def compute_advantages(cfg: Config, trajs: list[Trajectory], reward: torch.Tenso
     # a trajectory cut short by a failed search is no sample of the policy: alone in its group, its reward of 0
     # does not move its siblings' mean and std (it carries no loss itself, `Trajectory.train_mask`)
     groups = [("error", t.uid) if t.finish_reason == "error" else t.group for t in trajs]
-    adv, returns = estimator(token_rewards, mask, groups, vals, gamma=a.gamma, lam=a.lam)  # [B, R] x2
+    extra = {"norm_by_std": a.norm_adv_by_std_in_grpo} if a.adv_estimator == "grpo" else {}
+    adv, returns = estimator(token_rewards, mask, groups, vals, gamma=a.gamma, lam=a.lam, **extra)  # [B, R] x2
     metrics["adv/mean_abs"] = float((adv.abs() * mask).sum() / mask.sum().clamp(min=1))
     metrics["reward/zero_std_group_share"] = zero_std_group_share(groups, reward)
     metrics.update(search_reward_covariance(groups, reward, [t.num_searches for t in trajs]))
