@@ -55,7 +55,8 @@ def with_named_share(samples: list[QASample], share: float) -> list[QASample]:
 
     from zerosearch.rollout.copying import answer_guessable
 
-    named = [s.index for s in samples if answer_guessable(s.question, s.golden_answers)]
+    is_named = [answer_guessable(s.question, s.golden_answers) for s in samples]
+    named = [k for k, flag in enumerate(is_named) if flag]
     n_open = len(samples) - len(named)
     want = round(share * n_open / (1.0 - share))
     if want > len(named):
@@ -64,7 +65,7 @@ def with_named_share(samples: list[QASample], share: float) -> list[QASample]:
                        len(named) / max(len(samples), 1))
         return samples
     keep = set(random.Random(0).sample(named, want))
-    out = [s for s in samples if s.index in keep or not answer_guessable(s.question, s.golden_answers)]
+    out = [s for k, s in enumerate(samples) if k in keep or not is_named[k]]
     logger.info("data.train_named_share=%s: training on %d open and %d of %d named questions", share, n_open,
                 want, len(named))
     return out
