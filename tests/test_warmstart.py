@@ -93,6 +93,33 @@ def test_two_hop_demonstrations_search_the_name_the_first_documents_give(smollm2
                        "Kroeker </search><answer> Winnipeg, Manitoba </answer>")
 
 
+class FilmDocs(BridgeDocs):
+    """Each film's page gives its year; the question's search finds the first film named."""
+
+    pages: ClassVar[dict[str, str]] = {"Dead Mine": "Doc 1(Title: Dead Mine) Dead Mine is a 2012 film by Steven Sheil.",
+                                       "Witch Story": "Doc 1(Title: Witch Story) Witch Story is a 1989 horror film."}
+
+
+def test_compare_options_demonstrates_a_search_for_each_option_then_the_gold_option(smollm2_tokenizer):
+    samples = [sample(0, "Which film came out first, Dead Mine or Witch Story?", ["Witch Story"]),
+               sample(1, "Are Dead Mine and Witch Story from the same country?", ["no"]),  # no options to search
+               sample(2, "Which film came out first, Dead Mine or Zorro?", ["Mask of Zorro"])]  # gold not an option
+    plain, plain_counts = build_demonstrations(load_config("cpu", []), samples, FilmDocs(), smollm2_tokenizer)
+    assert [d["answer"] for d in plain] == ["Witch Story"] and plain_counts["kept_answer_in_question"] == 1
+
+    search = FilmDocs()
+    cfg = load_config("cpu", ["warmstart.compare_options=true"])
+    demos, counts = build_demonstrations(cfg, samples, search, smollm2_tokenizer)
+    # the three questions, then each option of the one whose gold answer is an option
+    assert search.queries[3:] == ["Dead Mine", "Witch Story"]
+    assert counts == {"searched": 3, "kept_compare_options": 1, "kept_named": 1, "dropped_no_answer_seen": 2}
+    (demo,) = demos
+    text = smollm2_tokenizer.decode(demo["input_ids"])
+    assert "a 2012 film by Steven Sheil" in text and "a 1989 horror film" in text  # both options' documents
+    trained = smollm2_tokenizer.decode([t for t, label in zip(demo["input_ids"], demo["labels"]) if label != -100])
+    assert trained == "<search> Dead Mine </search><search> Witch Story </search><answer> Witch Story </answer>"
+
+
 class AnswerDocs:
     """Returns a document naming the gold answer for questions about France only."""
 

@@ -349,6 +349,10 @@ class WarmStartConfig:
     """Also demonstrate two searches: a question whose first documents miss the answer searches a name those
     documents mention, and is kept when that search finds it (the bridge of a two-hop question). Needs
     `rollout.max_turns` >= 3 for the policy to do the same."""
+    compare_options: bool = False
+    """A "which of A or B" question whose gold answer is one of its options is demonstrated by searching each
+    option, then answering it (instead of one search with the question): the comparison's own procedure. Needs
+    `rollout.max_turns` >= 3."""
 
 
 @dataclass(frozen=True)

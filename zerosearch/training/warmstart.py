@@ -13,7 +13,9 @@ B"). With `warmstart.two_hop`, a question whose first documents miss the answer 
 each name the first documents mention and the question does not (the bridge of a two-hop question, e.g. the
 director of the film asked about), the name is searched, and the first whose documents hold a gold answer
 makes a demonstration with two searches (``<search> QUESTION </search>``, documents, ``<search> NAME
-</search>``, documents, answer). The documents come from `search.engine` (BM25 over the bundled corpus on the CPU default) for the
+</search>``, documents, answer). With `warmstart.compare_options`, a "which of A or B" question whose gold answer is
+one of its options searches each option instead (``<search> A </search>``, documents, ``<search> B </search>``,
+documents, the gold option): the comparison's procedure, which a bridge's second search is not. The documents come from `search.engine` (BM25 over the bundled corpus on the CPU default) for the
 *training* questions; the held-out questions are never searched here. TRL's `SFTTrainer` runs the
 optimisation; the output is an HF folder that `MODEL_PATH DIR` trains from.
 """
@@ -33,7 +35,7 @@ from typing import Any
 
 from zerosearch.config import Config
 from zerosearch.rewards import normalize_answer
-from zerosearch.rollout.copying import answer_in_question
+from zerosearch.rollout.copying import answer_in_question, swap_options
 from zerosearch.rollout.loop import INFORMATION_PREFIX, INFORMATION_SUFFIX, chat_turn_wrap, encode_prompt
 from zerosearch.search import SearchRequest
 from zerosearch.simulator.records import docs_from_text
@@ -103,12 +105,16 @@ def build_demonstrations(cfg: Config, samples, search, tokenizer) -> tuple[list[
                 for s in samples]
     results = search.search(requests)
     second = _second_searches(cfg, samples, results, search) if cfg.warmstart.two_hop and cfg.warmstart.search else {}
+    compared = _option_searches(samples, search) if cfg.warmstart.compare_options and cfg.warmstart.search else {}
     demos, counts = [], Counter()
     for i, (sample, result) in enumerate(zip(samples, results)):
         answer, in_docs = _pick_answer(list(sample.golden_answers), result.text, sample.question)
         searches = [(sample.question, result.text)]
         counts["searched"] += 1
-        if (answer is None or not in_docs) and i in second:
+        if i in compared:
+            answer, searches = compared[i]
+            counts["kept_compare_options"] += 1
+        elif (answer is None or not in_docs) and i in second:
             answer, name, documents = second[i]
             searches.append((name, documents))
             counts["kept_two_searches"] += 1
@@ -148,6 +154,25 @@ def _second_searches(cfg: Config, samples, results, search) -> dict[int, tuple[s
         if answer is not None and f" {normalize_answer(name)} " in f" {normalize_answer(top[0]['title'])} ":
             second[i] = (answer, name, result.text)
     return second
+
+
+def _option_searches(samples, search) -> dict[int, tuple[str, list[tuple[str, str]]]]:
+    """For each "which of A or B" question whose gold answer is one of its options: (that option, the search of each
+    option with its documents, in the question's order)."""
+    wanted: list[tuple[int, str, str, str]] = []
+    for i, sample in enumerate(samples):
+        options = swap_options(sample.question)
+        if options is None:
+            continue
+        golds = {normalize_answer(str(g)) for g in sample.golden_answers}
+        right = [o for o in options[1:] if normalize_answer(o) in golds]
+        if right:
+            wanted.append((i, right[0], *options[1:]))
+    found = search.search([SearchRequest(query=option, question=samples[i].question,
+                                         golden_answers=list(samples[i].golden_answers))
+                           for i, _, a, b in wanted for option in (a, b)])
+    return {i: (right, [(a, found[2 * k].text), (b, found[2 * k + 1].text)])
+            for k, (i, right, a, b) in enumerate(wanted)}
 
 
 def _demonstrations(cfg: Config, tokenizer) -> tuple[list[dict], dict[str, int]]:
