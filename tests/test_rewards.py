@@ -344,6 +344,16 @@ def test_swapped_question_only_when_a_gold_answer_is_an_option():
     assert swapped_question("What is the capital of France?", ["Paris"]) is None
 
 
+def test_gold_option_is_the_option_the_gold_answer_names_as_the_question_writes_it():
+    from zerosearch.rollout.copying import gold_option
+
+    q = "Which film came out first, Jaws or Star Wars?"
+    assert gold_option(q, ["star wars"]) == "Star Wars"
+    assert gold_option(q, ["1977", "Star Wars"]) == "Star Wars"
+    assert gold_option(q, ["1975"]) is None
+    assert gold_option("Where was the director of Rain or Shine born?", ["Rain"]) is None
+
+
 def test_position_scores_take_a_last_option_guess_back_to_chance():
     from zerosearch.rollout.copying import position_scores, swapped_question
 

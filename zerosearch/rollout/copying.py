@@ -66,13 +66,20 @@ def swap_options(question: str) -> tuple[str, str, str] | None:
     return f"{m.group('head')}{b} or {a}?", a, b
 
 
-def swapped_question(question: str, golden_answers) -> str | None:
-    """The question with its two options swapped (`swap_options`), when a gold answer is one of them; else None."""
+def gold_option(question: str, golden_answers) -> str | None:
+    """The option of a "which of A or B" question (`swap_options`) that is a gold answer, as the question writes
+    it (the first such option); None for a question without two options or whose gold answer is neither."""
     swapped = swap_options(question)
     if swapped is None:
         return None
     golds = {normalize_answer(str(g)) for g in golden_answers}
-    return swapped[0] if golds & {normalize_answer(o) for o in swapped[1:]} else None
+    return next((o for o in swapped[1:] if normalize_answer(o) in golds), None)
+
+
+def swapped_question(question: str, golden_answers) -> str | None:
+    """The question with its two options swapped (`swap_options`), when a gold answer is one of them
+    (`gold_option`); else None."""
+    return swap_options(question)[0] if gold_option(question, golden_answers) is not None else None
 
 
 def option_pairs(written: list[dict], swapped: list[dict]) -> list[tuple[dict, dict]]:

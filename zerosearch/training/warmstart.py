@@ -35,7 +35,7 @@ from typing import Any
 
 from zerosearch.config import Config
 from zerosearch.rewards import normalize_answer
-from zerosearch.rollout.copying import answer_in_question, swap_options
+from zerosearch.rollout.copying import answer_in_question, gold_option, swap_options
 from zerosearch.rollout.loop import INFORMATION_PREFIX, INFORMATION_SUFFIX, chat_turn_wrap, encode_prompt
 from zerosearch.search import SearchRequest
 from zerosearch.simulator.records import docs_from_text
@@ -161,13 +161,9 @@ def _option_searches(samples, search) -> dict[int, tuple[str, list[tuple[str, st
     option with its documents, in the question's order)."""
     wanted: list[tuple[int, str, str, str]] = []
     for i, sample in enumerate(samples):
-        options = swap_options(sample.question)
-        if options is None:
-            continue
-        golds = {normalize_answer(str(g)) for g in sample.golden_answers}
-        right = [o for o in options[1:] if normalize_answer(o) in golds]
-        if right:
-            wanted.append((i, right[0], *options[1:]))
+        right = gold_option(sample.question, sample.golden_answers)
+        if right is not None:
+            wanted.append((i, right, *swap_options(sample.question)[1:]))
     found = search.search([SearchRequest(query=option, question=samples[i].question,
                                          golden_answers=list(samples[i].golden_answers))
                            for i, _, a, b in wanted for option in (a, b)])
