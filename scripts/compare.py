@@ -104,28 +104,41 @@ def cell(values: list) -> str:
 def paired_table(results: dict[str, list[dict]], out: Path, seeds: list[int]) -> str:
     """Each trained variant's held-out F1 after minus before, and minus the real-engine and no-search variants,
     question by question with a 95 % bootstrap interval over questions and seeds (`training/paired.py`)."""
-    from zerosearch.training.paired import cell, paired_difference, per_question_f1, val_files
+    from zerosearch.training.paired import (
+        cell,
+        paired_difference,
+        per_question_balanced_file,
+        per_question_f1,
+        val_files,
+    )
 
     runs: dict[str, list[tuple[dict, dict]]] = {}
+    balanced: dict[str, list[tuple[dict, dict]] | None] = {}
     for name in results:
         if name in TRAINED:
-            files = [val_files(out / f"{name}-s{seed}") for seed in seeds]
-            runs[name] = [(per_question_f1(f[0]), per_question_f1(f[1])) for f in files if f]
+            files = [f for f in (val_files(out / f"{name}-s{seed}") for seed in seeds) if f]
+            runs[name] = [(per_question_f1(f[0]), per_question_f1(f[1])) for f in files]
+            pairs = [(per_question_balanced_file(f[0]), per_question_balanced_file(f[1])) for f in files]
+            balanced[name] = pairs if pairs and all(b is not None and a is not None for b, a in pairs) else None
     runs = {name: r for name, r in runs.items() if r}
     if not runs:
         return ""
     refs = [ref for ref in ("rl_real", "rl_no_search") if ref in runs]
-    titles = ["variant", "runs", "after − before", "after − before, open questions", *(f"after − {ref} after" for ref in refs)]
+    titles = ["variant", "runs", "after − before", "after − before, open questions",
+              "after − before, position-balanced", *(f"after − {ref} after" for ref in refs)]
     head = "| " + " | ".join(titles) + " |"
     lines = [head, "|---" * len(titles) + "|"]
     for name, pairs in runs.items():
         before, after = [p[0] for p in pairs], [p[1] for p in pairs]
         cells = [cell(paired_difference(after, before, paired_seeds=True)),
                  cell(paired_difference(after, before, subset="open", paired_seeds=True))]
+        bal = balanced[name]
+        cells.append(cell(paired_difference([p[1] for p in bal], [p[0] for p in bal], paired_seeds=True)) if bal else "-")
         cells += ["-" if ref == name else cell(paired_difference(after, [p[1] for p in runs[ref]])) for ref in refs]
         lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
     return ("Held-out F1 differences, question by question, with 95 % intervals from a bootstrap over the questions "
-            "and each variant's seeds:\n\n" + "\n".join(lines))
+            "and each variant's seeds; position-balanced scores each \"A or B\" question by the mean of its two "
+            "orderings (`trainer.val_swap_options`), which an answer by position does not raise:\n\n" + "\n".join(lines))
 
 
 def main() -> None:

@@ -74,3 +74,38 @@ def test_balanced_per_question_f1_takes_the_mean_of_both_orderings():
     got = per_question_balanced(written, swapped)
     assert got == {"Which film came out first, Jaws or Star Wars?": (0.5, True), "Who directed Jaws?": (0.5, False)}
     assert per_question_balanced(written, [])["Which film came out first, Jaws or Star Wars?"] == (1.0, True)
+
+
+def _write_rollouts(run_dir, step: int, written_f1: float, swapped_f1: float | None) -> None:
+    val = run_dir / "val_rollouts"
+    val.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": f"Which film came out first, Alpha{i} or Beta{i}?", "golden_answers": [f"Beta{i}"],
+             "f1": written_f1} for i in range(10)] + [{"question": "Who directed Jaws?", "golden_answers": ["Spielberg"],
+                                                      "f1": 0.0}]
+    (val / f"val_step_{step}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if swapped_f1 is not None:
+        swapped = [{"question": f"Which film came out first, Beta{i} or Alpha{i}?", "golden_answers": [f"Beta{i}"],
+                    "f1": swapped_f1} for i in range(10)]
+        (val / f"val_swapped_step_{step}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in swapped))
+
+
+def test_compare_reports_a_position_guess_as_no_position_balanced_gain(tmp_path):
+    """A run that goes from naming the first option to naming the last, whose golds are all last, gains +1 on
+    those questions as written and nothing position-balanced; a run without swapped rollouts gets "-"."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "scripts" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    _write_rollouts(tmp_path / "rl_sim_prompt-s1", 0, written_f1=0.0, swapped_f1=1.0)
+    _write_rollouts(tmp_path / "rl_sim_prompt-s1", 12, written_f1=1.0, swapped_f1=0.0)
+    _write_rollouts(tmp_path / "rl_real-s1", 0, written_f1=0.0, swapped_f1=None)
+    _write_rollouts(tmp_path / "rl_real-s1", 12, written_f1=0.5, swapped_f1=None)
+    table = compare.paired_table({"rl_sim_prompt": [{}], "rl_real": [{}]}, tmp_path, [1])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| rl_")}
+    header = next(line for line in table.splitlines() if line.startswith("| variant")).split(" | ")
+    col = header.index("after − before, position-balanced")
+    assert rows["rl_sim_prompt"][header.index("after − before")].startswith("+0.909 ")  # 10 of 11 questions
+    assert rows["rl_sim_prompt"][col] == "+0.000 [+0.000, +0.000]"
+    assert rows["rl_real"][col] == "-"

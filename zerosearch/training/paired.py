@@ -40,6 +40,19 @@ def per_question_balanced(written: list[dict], swapped: list[dict]) -> dict[str,
     return {q: (float(f1), named[q]) for q, f1 in balanced_f1(written, swapped).items()}
 
 
+def per_question_balanced_file(path: Path) -> dict[str, tuple[float, bool]] | None:
+    """`per_question_balanced` of one validation step: `val_step_N.jsonl` and, beside it, the swapped "A or B"
+    questions of `val_swapped_step_N.jsonl` (`trainer.val_swap_options`); None when that run did not ask them."""
+    swapped = path.with_name(path.name.replace("val_step_", "val_swapped_step_", 1))
+    if not swapped.exists():
+        return None
+
+    def rows(p: Path) -> list[dict]:
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    return per_question_balanced(rows(path), rows(swapped))
+
+
 def _matrix(runs: list[dict[str, tuple[float, bool]]], questions: list[str]) -> np.ndarray:
     """[seeds, questions] F1."""
     return np.array([[run[q][0] for q in questions] for run in runs], dtype=np.float64)
