@@ -259,6 +259,16 @@ def test_the_relevance_gate_sends_noisy_documents_to_an_off_topic_query(smollm2_
     trajs, _ = run(loop, engine, [sample(0, "Who is the mayor of the capital of France?"), sample(1)])
     assert [t.noisy_flags for t in trajs] == [[False, False], [True, True]]
 
+    # an option of a "which of A or B" question: gated on token F1 (0.25), let through with gate_question_words
+    option = ["<search>Jaws</search>", "<answer>Jaws</answer>"]
+    question = "Which film came out first, Jaws or Star Wars?"
+    for through in (False, True):
+        search = RecordingSearch()
+        loop, engine = make_loop(smollm2_tokenizer, [option, off_topic], search=search, min_query_overlap=0.5,
+                                 gate_question_words=through)
+        trajs, _ = run(loop, engine, [sample(0, question), sample(1, question)])
+        assert [t.noisy_flags for t in trajs] == [[not through], [True]]  # "Your question" stays off topic
+
     search = RecordingSearch()  # off (the default, as upstream): the query does not matter
     loop, engine = make_loop(smollm2_tokenizer, [SEARCH_THEN_ANSWER, off_topic], search=search)
     run(loop, engine, [sample(0), sample(1)])

@@ -169,6 +169,10 @@ class SearchConfig:
     """Relevance gate of simulated search: a query whose content words overlap the question's (token F1) less
     than this gets noisy documents (0 = off, as upstream, whose prompt-mode simulator writes useful documents
     from the question and gold answer whatever the query says; docs/differences.md)."""
+    gate_question_words: bool = False
+    """The relevance gate also lets through a query made only of the question's own content words (an option of a
+    "which of A or B" question, which token F1 against the whole question scores low; `rewards.query_in_question`).
+    Off, the gate as it was (docs/differences.md)."""
     two_hop: bool = False
     """Two-hop simulation (prompt mode): for a question whose answer it does not name, the simulator is told the gold
     answer only for a follow-up query that names something the documents already retrieved gave and the question

@@ -166,6 +166,14 @@ def query_overlap(query: str, question: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def query_in_question(query: str, question: str) -> bool:
+    """Every content word of a search ``query`` is one of the ``question``'s (and there is one): an option of a "which
+    of A or B" question ("Jaws" for "Which film came out first, Jaws or Star Wars?", token F1 0.25), or a name the
+    question gives. ``search.gate_question_words`` lets such a query through the relevance gate."""
+    q = _content_words(query)
+    return bool(q) and set(q) <= set(_content_words(question))
+
+
 def query_support(query: str, text: str, question: str = "") -> float:
     """The share of a search ``query``'s content words that ``text`` holds and ``question`` (if given) lacks.
 

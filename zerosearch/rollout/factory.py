@@ -23,6 +23,7 @@ def loop_settings(cfg: Config) -> LoopSettings:
         search_concurrency=cfg.search.concurrency,
         max_search_error_share=cfg.search.max_error_share,
         min_query_overlap=cfg.search.min_query_overlap,
+        gate_question_words=cfg.search.gate_question_words,
         two_hop=cfg.search.two_hop,
     )
 

@@ -34,7 +34,14 @@ from pathlib import Path
 
 from zerosearch.config import ROLLOUT_PROTOCOLS as PROTOCOLS
 from zerosearch.config import RolloutConfig
-from zerosearch.rewards import FOLLOW_UP_SHARE, new_name_share, query_overlap, query_support, retrieval_hit
+from zerosearch.rewards import (
+    FOLLOW_UP_SHARE,
+    new_name_share,
+    query_in_question,
+    query_overlap,
+    query_support,
+    retrieval_hit,
+)
 from zerosearch.rollout.copying import answer_guessable
 from zerosearch.rollout.engines import Generation, PolicyEngine, SamplingSpec
 from zerosearch.rollout.parser import parse_action
@@ -67,6 +74,8 @@ class LoopSettings:
     """A query whose content words overlap the question's less than this (`rewards.query_overlap`), and which
     is not a follow-up drawn from the documents already retrieved (`rewards.query_support`), gets noisy
     documents from a simulated engine (0 = off, as upstream; `search.min_query_overlap`)."""
+    gate_question_words: bool = False
+    """The gate also passes a query made only of the question's content words (`search.gate_question_words`)."""
     two_hop: bool = False
     """For a question whose answer it does not name, the simulator gets the gold answer only for a follow-up query
     that names what the documents gave (`rewards.new_name_share` >= 0.5; `search.two_hop`)."""
@@ -290,7 +299,8 @@ class AgentLoop:
         noisy = random.Random(key).random() < batch.p_noisy
         gate, retrieved = self.settings.min_query_overlap, " ".join(traj.documents)
         if gate > 0 and not noisy and query_overlap(query, traj.question) < gate and (
-                query_support(query, retrieved) < gate):  # nor a name the documents gave
+                query_support(query, retrieved) < gate) and not (  # nor a name the documents gave
+                self.settings.gate_question_words and query_in_question(query, traj.question)):  # nor an option
             noisy = True  # the simulator would write useful documents from the gold answer whatever the query
             traj.off_topic += 1
         hold = self.settings.two_hop and not noisy and answer_held_back(query, traj.question, traj.golden_answers,
