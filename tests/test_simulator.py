@@ -121,6 +121,28 @@ def test_label_balances_drops_short_results_and_resumes(tmp_path: Path) -> None:
     assert s2.judged == 0 and s2.kept == s.kept
 
 
+
+def test_label_dedupe_and_only_options_cut_the_balanced_set(tmp_path: Path) -> None:
+    question = "Which film came out first, Jaws or Star Wars?"
+    rows = []
+    for i, (query, body) in enumerate([("Jaws", "Jaws is a 1975 film."), ("jaws ", "Jaws is a 1975 film."),
+                                       ("Star Wars", "Star Wars is a 1977 film."), ("Jaws release", "Jaws, 1975."),
+                                       ("Star Wars", "Star Wars is a 1977 film.")]):
+        rows.append({**_record(i, [("", body), ("", "more")], ["Jaws"]), "question": question, "query": query})
+    rows += [_record(10 + i, [("", "nothing"), ("", "more")], ["Paris"]) for i in range(4)]
+    data = _write_jsonl(tmp_path / "records.jsonl", rows)
+    everything = read_records(data)
+    s = label(data, tmp_path / "all.jsonl")
+    assert s.kept == {"useful": 3, "noisy": 3}  # the 3 useful Jaws searches, 3 of the 6 noisy
+    s = label(data, tmp_path / "unique.jsonl", unique=True)
+    queries = [(r["query"], r["label"]) for r in read_records(tmp_path / "unique.jsonl")]
+    assert ("jaws ", "useful") not in queries and ("Jaws", "useful") in queries  # "jaws " repeats "Jaws"
+    assert len(queries) == len({(q.lower().strip(), lab) for q, lab in queries}) == sum(s.kept.values())
+    label(data, tmp_path / "options.jsonl", unique=True, only_options=True)
+    options = [(r["query"], r["label"]) for r in read_records(tmp_path / "options.jsonl")]
+    assert ("Jaws", "useful") in options and all(q in ("Jaws", "Star Wars") for q, _ in options)
+    assert ("Jaws release", "useful") not in options and len(everything) == 9
+
 class _FakeJudge(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat endpoint that says "yes" when the prompt's documents hold 'Paris'."""
 

@@ -4,7 +4,7 @@
                                  [--data default] [--split train] [--data-source 2wikimultihopqa]
                                  [--limit N] [--offset N] [--no-policy] [--config cpu] [key=value ...]
     zerosearch simulator label   --data records.jsonl --out labelled.jsonl [--judge rule|llm
-                                 --judge-url http://HOST:PORT/v1 --judge-model NAME]
+                                 --judge-url http://HOST:PORT/v1 --judge-model NAME] [--dedupe] [--only-options]
     zerosearch simulator train   --data labelled.jsonl --out DIR [--model M] [--epochs 1] [--lora-r 16]
     zerosearch simulator eval    --data heldout.jsonl --out DIR [--prompt-model M] [--sft-model DIR]
                                  [--limit N] [--config cpu] [key=value ...]
@@ -89,6 +89,9 @@ def cmd_label(argv: list[str]) -> int:
     p.add_argument("--judge-retries", type=int, default=3)
     p.add_argument("--judge-timeout", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0, help="which records of the larger class are kept")
+    p.add_argument("--dedupe", action="store_true", help="after balancing, one record per distinct query and label")
+    p.add_argument("--only-options", action="store_true",
+                   help="after balancing, only searches for one option of an \"A or B\" question (docs/simulator.md)")
     args = p.parse_args(argv)
     judge = None
     if args.judge == "llm":
@@ -97,7 +100,7 @@ def cmd_label(argv: list[str]) -> int:
         judge = LLMJudge(args.judge_url, args.judge_model, timeout_s=args.judge_timeout, max_retries=args.judge_retries)
     t0 = time.perf_counter()
     try:
-        s = label(args.data, args.out, judge=judge, seed=args.seed)
+        s = label(args.data, args.out, judge=judge, seed=args.seed, unique=args.dedupe, only_options=args.only_options)
     finally:
         if judge is not None:
             judge.close()

@@ -10,6 +10,11 @@ Judgements are appended to ``OUT.judged.jsonl`` as they come (a resumed run skip
 larger class is cut down, at random with a fixed seed, to the size of the smaller one (the paper trains
 on both kinds of documents alike) and OUT is written in one step. Searches with fewer than `topk`
 documents are left out: the simulator should learn to write exactly k.
+
+Two optional cuts after the balance (not in upstream; docs/simulator.md): ``dedupe`` keeps one record per
+distinct query and label (a policy sampled many times asks the same query again and again), ``only_options``
+keeps the searches for one option of an "A or B" question (`rollout.copying.swap_options`), the data of a
+second, short fine-tuning stage that teaches the simulator those entities' real pages.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from zerosearch.rewards import normalize_answer
+from zerosearch.rollout.copying import swap_options
 from zerosearch.simulator.records import (
     LABELS,
     answer_in_docs,
@@ -106,11 +113,33 @@ def balance(records: list[dict[str, Any]], seed: int = 0) -> list[dict[str, Any]
     return [r for r in records if id(r) in keep]
 
 
+def dedupe(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first record of each distinct (query, label); the query lower-cased and stripped."""
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for r in records:
+        key = (r["query"].lower().strip(), r["label"])
+        if key not in seen:
+            seen.add(key)
+            kept.append(r)
+    return kept
+
+
+def is_option_search(record: dict[str, Any]) -> bool:
+    """The query is one option of the record's "A or B" question, as the question writes it (normalised)."""
+    options = swap_options(record["question"])
+    return options is not None and normalize_answer(record["query"]) in {normalize_answer(o) for o in options[1:]}
+
+
 def label(data: str | Path, out: str | Path, judge: LLMJudge | None = None, seed: int = 0,
-          workers: int = 8) -> LabelSummary:
+          workers: int = 8, unique: bool = False, only_options: bool = False) -> LabelSummary:
     """Label the records of `data` (resuming from OUT.judged.jsonl) and write the balanced set to `out`."""
     out = Path(out)
     records = read_records(data, required=("id", "question", "golden_answers", "query", "docs", "topk"))
+    repeated = len(records) - len({r["id"] for r in records})
+    if repeated:
+        logger.warning("%s: %d records share an id with an earlier one (files of two collect runs joined?); "
+                       "each id is judged once and its last record is the one kept", data, repeated)
     full = [r for r in records if len(r["docs"]) >= r["topk"]]
     cache_path = out.with_name(out.name + ".judged.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,6 +169,10 @@ def label(data: str | Path, out: str | Path, judge: LLMJudge | None = None, seed
     summary = LabelSummary(judged=len(todo), counts={k: counts.get(k, 0) for k in LABELS},
                            dropped_short=len(records) - len(full))
     kept = balance(labelled, seed)
+    if unique:
+        kept = dedupe(kept)
+    if only_options:
+        kept = [r for r in kept if is_option_search(r)]
     summary.kept = {k: sum(r["label"] == k for r in kept) for k in LABELS}
     write_records(out, kept)
     return summary
