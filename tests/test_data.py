@@ -314,6 +314,32 @@ def test_sampler_resume_matches_uninterrupted_run(consumed):
     assert resumed.epoch >= 1 and resumed.metrics()["data/epoch"] == resumed.epoch
 
 
+def test_sampler_keeps_each_pair_in_one_batch_and_resumes():
+    pairs = [(0, 8), (1, 9), (2, 10), (3, 11)]  # e.g. four questions and their swapped copies, 8 others
+    sampler = PromptSampler(16, 8, seed=3, pairs=pairs)
+    batches = take(sampler, 6)  # three epochs of two batches
+    for epoch in (batches[0:2], batches[2:4], batches[4:6]):
+        flat = list(itertools.chain(*epoch))
+        assert sorted(flat) == list(range(16))
+        assert all(any(i in b and j in b for b in epoch) for i, j in pairs)  # each pair in one batch
+    assert batches[0:2] != batches[2:4] and batches == take(PromptSampler(16, 8, seed=3, pairs=pairs), 6)
+    plain = take(PromptSampler(16, 8, seed=3), 6)
+    assert not all(any(i in b and j in b for b in plain[:2]) for i, j in pairs)  # without: split somewhere
+    state = json.loads(json.dumps(take_state(PromptSampler(16, 8, seed=3, pairs=pairs), 3)))
+    resumed = PromptSampler(16, 8, seed=3, pairs=pairs)
+    resumed.load_state_dict(state)
+    assert take(resumed, 3) == batches[3:]
+    with pytest.raises(ValueError, match="pairs"):
+        PromptSampler(16, 8, seed=3).load_state_dict(state)  # a run with pairs resumed without them
+    with pytest.raises(ValueError, match="disjoint"):
+        PromptSampler(16, 8, seed=3, pairs=[(0, 1), (1, 2)])
+
+
+def take_state(sampler: PromptSampler, n: int) -> dict:
+    take(sampler, n)
+    return sampler.state_dict()
+
+
 def test_sampler_rejects_bad_sizes_and_foreign_state():
     with pytest.raises(ValueError, match="batch_size 8 is larger than the dataset"):
         PromptSampler(5, 8, seed=0)

@@ -1086,6 +1086,24 @@ def test_train_both_orders_adds_each_a_or_b_question_swapped():
     assert len(test) == len(load_samples(plain, plain.data.test_split))  # held-out questions stay as written
 
 
+def test_pair_orders_pairs_each_a_or_b_question_with_its_swapped_copy():
+    from zerosearch.data import load_samples, order_pairs
+    from zerosearch.rollout.copying import swap_options
+
+    cfg = load_config("cpu", ["data.train_sources=[2wikimultihopqa]", "data.train_both_orders=true",
+                              "data.pair_orders=true"])
+    samples = load_samples(cfg, cfg.data.train_split)
+    pairs = order_pairs(samples)
+    added = len(samples) - len(load_samples(load_config("cpu", ["data.train_sources=[2wikimultihopqa]"]),
+                                            cfg.data.train_split))
+    assert pairs and len(pairs) == added  # every swapped copy found its question
+    for i, j in pairs:
+        a, b = samples[i], samples[j]
+        assert swap_options(a.question)[0] == b.question and a.golden_answers == b.golden_answers
+    with pytest.raises(ConfigError, match="data.pair_orders"):
+        load_config("cpu", ["data.pair_orders=true"])
+
+
 def test_max_gen_batches_below_one_is_refused():
     with pytest.raises(ConfigError, match="algorithm.max_gen_batches"):
         load_config("cpu", ["algorithm.max_gen_batches=0"])

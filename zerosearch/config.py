@@ -100,6 +100,11 @@ class DataConfig:
     is the last option exactly half the time: naming the last option then earns nothing on average, and only
     reading the documents pays (the bundled 2Wiki training golds are last 54 % of the time). Upstream has no such
     option."""
+    pair_orders: bool = False
+    """With `train_both_orders`: a question and its swapped copy go into the same batch, so in every step the last
+    option is the gold exactly as often as the first. Without it a short run's draw can pay the last option (in one
+    12-step run the gold was the option searched last in 62 of 82 comparison trajectories of steps 7-12, where the
+    warm-up puts the largest learning rate; docs/results.md). Upstream has no such option."""
 
 
 @dataclass(frozen=True)
@@ -562,6 +567,8 @@ def validate(cfg: Config) -> None:
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
     _one_of(cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
     _one_of(d.train_questions, ("all", "open", "named"), "data.train_questions")
+    _check(not d.pair_orders or d.train_both_orders, "data.pair_orders",
+           "pairs each question with its swapped copy, which only data.train_both_orders=true adds; set both")
     if d.train_named_share is not None:
         _check(0.0 <= d.train_named_share < 1.0, "data.train_named_share", f"{d.train_named_share} is not in [0, 1)")
         _check(d.train_questions == "all", "data.train_named_share",

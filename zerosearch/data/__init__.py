@@ -12,7 +12,7 @@ from zerosearch.data.qa import (
     resolve_corpus,
 )
 from zerosearch.data.sampler import PromptSampler
-from zerosearch.data.samples import load_samples, swapped_samples, with_prompt_template
+from zerosearch.data.samples import load_samples, order_pairs, swapped_samples, with_prompt_template
 
 __all__ = [
     "DataFormatError",
@@ -25,6 +25,7 @@ __all__ = [
     "load_qa_file",
     "load_samples",
     "load_split",
+    "order_pairs",
     "resolve_corpus",
     "swapped_samples",
     "with_prompt_template",

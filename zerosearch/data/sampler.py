@@ -13,10 +13,14 @@ class PromptSampler:
     `state_dict()` saved after any batch and restored into a new sampler continues with exactly the
     batches the uninterrupted run would have produced. With `drop_last`, the tail of an epoch that does
     not fill a batch is skipped; without it the last batch of an epoch is shorter.
+
+    `pairs` (index pairs, `data.pair_orders`) are kept together: each pair is shuffled as one unit and laid out so
+    that it does not straddle two batches: a single index moves up to fill the one free place of a batch (only when
+    no single index is left, as at the end of an odd-sized split, is a pair cut in two).
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, pairs: tuple[tuple[int, int], ...] | list[tuple[int, int]] = ()):
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}: the dataset is empty")
         if batch_size <= 0:
@@ -31,6 +35,10 @@ class PromptSampler:
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
+        self.pairs = [tuple(p) for p in pairs]
+        paired = [k for p in self.pairs for k in p]
+        if len(set(paired)) != len(paired) or any(not 0 <= k < num_samples for k in paired):
+            raise ValueError(f"pairs must be disjoint indices below {num_samples}, got {self.pairs}")
         self.epoch = 0
         self.position = 0
         self._order_epoch = -1
@@ -43,11 +51,26 @@ class PromptSampler:
 
     def _epoch_order(self) -> list[int]:
         if self._order_epoch != self.epoch:
-            order = list(range(self.num_samples))
-            if self.shuffle:
-                random.Random(self.seed + self.epoch).shuffle(order)
+            if self.pairs:
+                order = self._paired_order()
+            else:
+                order = list(range(self.num_samples))
+                if self.shuffle:
+                    random.Random(self.seed + self.epoch).shuffle(order)
             self._order, self._order_epoch = order, self.epoch
         return self._order
+
+    def _paired_order(self) -> list[int]:
+        paired = {k for p in self.pairs for k in p}
+        units = sorted([*self.pairs, *((k,) for k in range(self.num_samples) if k not in paired)])
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(units)
+        order: list[int] = []
+        while units:
+            room = self.batch_size - len(order) % self.batch_size
+            k = 0 if len(units[0]) <= room else next((t for t, u in enumerate(units) if len(u) <= room), 0)
+            order.extend(units.pop(k))  # only pairs left and one place free: this pair is split
+        return order
 
     def _epoch_done(self) -> bool:
         left = self.num_samples - self.position
@@ -75,14 +98,16 @@ class PromptSampler:
             "seed": self.seed,
             "shuffle": self.shuffle,
             "drop_last": self.drop_last,
+            "pairs": len(self.pairs),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; the sampler must be built with the same dataset size, batch and seed."""
-        for key in ("num_samples", "batch_size", "seed", "shuffle", "drop_last"):
-            if key in state and state[key] != getattr(self, key):
+        mine = {**self.state_dict(), "pairs": len(self.pairs)}
+        for key in ("num_samples", "batch_size", "seed", "shuffle", "drop_last", "pairs"):
+            if key in state and state[key] != mine[key]:
                 raise ValueError(
-                    f"sampler state has {key}={state[key]!r} but this sampler has {getattr(self, key)!r}: "
+                    f"sampler state has {key}={state[key]!r} but this sampler has {mine[key]!r}: "
                     "resume with the same dataset, batch size and seed as the checkpointed run"
                 )
         epoch, position = int(state["epoch"]), int(state["position"])

@@ -71,6 +71,21 @@ def with_named_share(samples: list[QASample], share: float) -> list[QASample]:
     return out
 
 
+def order_pairs(samples: list[QASample]) -> list[tuple[int, int]]:
+    """Positions (i, j), i < j, of each "…, A or B?" question and its "…, B or A?" copy in `samples`
+    (`data.train_both_orders`), for `data.pair_orders`."""
+    from zerosearch.rollout.copying import swapped_question
+
+    where = {s.question: k for k, s in enumerate(samples)}
+    pairs = []
+    for k, s in enumerate(samples):
+        question = swapped_question(s.question, s.golden_answers)
+        j = where.get(question) if question is not None else None
+        if j is not None and k < j:
+            pairs.append((k, j))
+    return pairs
+
+
 def swapped_samples(samples: list[QASample]) -> list[QASample]:
     """The "…, A or B?" questions whose gold answer is A or B, asked "…, B or A?" (the same prompt with the question
     in it swapped; `copying.swapped_question`). Others are left out."""

@@ -23,7 +23,7 @@ import torch
 from zerosearch.algos import apply_kl_penalty, get_advantage_estimator, outcome_to_token_rewards
 from zerosearch.config import Config, ConfigError, save_config, uses_simulation_server
 from zerosearch.curriculum import NoiseCurriculum
-from zerosearch.data import PromptSampler, load_samples, swapped_samples
+from zerosearch.data import PromptSampler, load_samples, order_pairs, swapped_samples
 from zerosearch.ledger import Ledger, Prices, usage_between
 from zerosearch.rewards import answer_reward
 from zerosearch.rollout.copying import copy_metrics, position_scores, split_metrics
@@ -339,9 +339,11 @@ def _resume_state(resume_ckpt: Path | None, world: int) -> dict:
     return state
 
 
-def _schedules(cfg: Config, n_train: int, state: dict) -> tuple[PromptSampler, NoiseCurriculum]:
+def _schedules(cfg: Config, train_samples: list, state: dict) -> tuple[PromptSampler, NoiseCurriculum]:
     """The prompt order and the noise curriculum, where a resumed run left them."""
-    sampler = PromptSampler(n_train, cfg.data.train_batch_size, cfg.trainer.seed, cfg.data.shuffle)
+    pairs = order_pairs(train_samples) if cfg.data.pair_orders else []
+    sampler = PromptSampler(len(train_samples), cfg.data.train_batch_size, cfg.trainer.seed, cfg.data.shuffle,
+                            pairs=pairs)
     s = cfg.search
     curriculum = NoiseCurriculum(s.start_threshold, s.end_threshold, cfg.trainer.total_steps, s.curriculum_base)
     if state:
@@ -378,7 +380,7 @@ def _train(cfg: Config, run_dir: Path, resume_ckpt: Path | None, world: int, tra
     logger.info("run directory %s%s", run_dir, f" (resuming from {resume_ckpt})" if resume_ckpt else "")
     t_start = time.time()  # the wall time reported includes the warm-start stage
     cfg = warm_started(cfg, run_dir, val_samples)
-    sampler, curriculum = _schedules(cfg, len(train_samples), state)
+    sampler, curriculum = _schedules(cfg, train_samples, state)
     with ExitStack() as stack, MemoryMonitor() as memory:
         workers = start_workers(cfg, stack, run_dir, world, resume_ckpt)
         tracker = Tracker(run_dir, cfg.trainer.logger, _plain(cfg), cfg.trainer.project_name, run_dir.name, start_step)
