@@ -51,16 +51,11 @@ class PromptSampler:
 
     def _epoch_order(self) -> list[int]:
         if self._order_epoch != self.epoch:
-            if self.pairs:
-                order = self._paired_order()
-            else:
-                order = list(range(self.num_samples))
-                if self.shuffle:
-                    random.Random(self.seed + self.epoch).shuffle(order)
-            self._order, self._order_epoch = order, self.epoch
+            self._order, self._order_epoch = self._laid_out_order(), self.epoch
         return self._order
 
-    def _paired_order(self) -> list[int]:
+    def _laid_out_order(self) -> list[int]:
+        """Units (pairs and single indices) shuffled, then laid out; with no pairs, a plain seeded permutation."""
         paired = {k for p in self.pairs for k in p}
         units = sorted([*self.pairs, *((k,) for k in range(self.num_samples) if k not in paired)])
         if self.shuffle:
@@ -103,7 +98,7 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; the sampler must be built with the same dataset size, batch and seed."""
-        mine = {**self.state_dict(), "pairs": len(self.pairs)}
+        mine = self.state_dict()
         for key in ("num_samples", "batch_size", "seed", "shuffle", "drop_last", "pairs"):
             if key in state and state[key] != mine[key]:
                 raise ValueError(
