@@ -335,6 +335,21 @@ def test_sampler_keeps_each_pair_in_one_batch_and_resumes():
         PromptSampler(16, 8, seed=3, pairs=[(0, 1), (1, 2)])
 
 
+def test_sampler_spreads_pairs_evenly_over_the_batches():
+    pairs = [(k, k + 20) for k in range(10)]  # ten questions and their swapped copies among 40 prompts
+    for seed in range(5):
+        sampler = PromptSampler(40, 8, seed=seed, pairs=pairs)
+        for _ in range(3):  # three epochs of five batches
+            epoch = take(sampler, 5)
+            assert sorted(itertools.chain(*epoch)) == list(range(40))
+            per_batch = [sum(i in b and j in b for i, j in pairs) for b in epoch]
+            assert per_batch == [2] * 5  # never a batch of only pairs, never one without
+    # only pairs left and one place free: a pair is cut, every index still served once per epoch
+    odd = PromptSampler(9, 2, seed=1, drop_last=False, pairs=[(0, 1), (2, 3), (4, 5), (6, 7)])
+    for _ in range(2):
+        assert sorted(itertools.chain(*take(odd, 5))) == list(range(9))
+
+
 def take_state(sampler: PromptSampler, n: int) -> dict:
     take(sampler, n)
     return sampler.state_dict()

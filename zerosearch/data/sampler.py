@@ -14,9 +14,11 @@ class PromptSampler:
     batches the uninterrupted run would have produced. With `drop_last`, the tail of an epoch that does
     not fill a batch is skipped; without it the last batch of an epoch is shorter.
 
-    `pairs` (index pairs, `data.pair_orders`) are kept together: each pair is shuffled as one unit and laid out so
-    that it does not straddle two batches: a single index moves up to fill the one free place of a batch (only when
-    no single index is left, as at the end of an odd-sized split, is a pair cut in two).
+    `pairs` (index pairs, `data.pair_orders`) are kept together and spread evenly: each pair is shuffled as one
+    unit, and batch b of an epoch gets `floor((b+1)P/B) - floor(bP/B)` of the P pairs (B batches), so no batch is
+    filled with pairs by the luck of the draw (a batch of only comparisons taught over-searching in the seventeenth
+    session's run, docs/results.md). Single indices fill the rest; a pair is cut in two only when one place is
+    free and no single index is left, as at the end of an odd-sized split.
     """
 
     def __init__(self, num_samples: int, batch_size: int, seed: int, shuffle: bool = True,
@@ -60,11 +62,24 @@ class PromptSampler:
         units = sorted([*self.pairs, *((k,) for k in range(self.num_samples) if k not in paired)])
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(units)
-        order: list[int] = []
-        while units:
-            room = self.batch_size - len(order) % self.batch_size
-            k = 0 if len(units[0]) <= room else next((t for t, u in enumerate(units) if len(u) <= room), 0)
-            order.extend(units.pop(k))  # only pairs left and one place free: this pair is split
+        pairs = [u for u in units if len(u) == 2]
+        singles = [u for u in units if len(u) == 1]
+        n_batches, order = -(-self.num_samples // self.batch_size), []
+        for b in range(n_batches):
+            quota = (b + 1) * len(self.pairs) // n_batches - b * len(self.pairs) // n_batches
+            batch: list[int] = []
+            while pairs and (quota > 0 or not singles) and len(batch) + 2 <= self.batch_size:
+                batch.extend(pairs.pop(0))
+                quota -= 1
+            while singles and len(batch) < self.batch_size:
+                batch.extend(singles.pop(0))
+            while pairs and len(batch) + 2 <= self.batch_size:  # singles ran out: pairs fill the batch
+                batch.extend(pairs.pop(0))
+            if pairs and len(batch) < self.batch_size:  # one place free, only pairs left: cut one
+                head, tail = pairs.pop(0)
+                batch.append(head)
+                singles.insert(0, (tail,))
+            order.extend(batch)
         return order
 
     def _epoch_done(self) -> bool:
