@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Iterator
 
 
@@ -62,23 +63,23 @@ class PromptSampler:
         units = sorted([*self.pairs, *((k,) for k in range(self.num_samples) if k not in paired)])
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(units)
-        pairs = [u for u in units if len(u) == 2]
-        singles = [u for u in units if len(u) == 1]
+        pairs = deque(u for u in units if len(u) == 2)
+        singles = deque(u for u in units if len(u) == 1)
         n_batches, order = -(-self.num_samples // self.batch_size), []
         for b in range(n_batches):
             quota = (b + 1) * len(self.pairs) // n_batches - b * len(self.pairs) // n_batches
             batch: list[int] = []
             while pairs and (quota > 0 or not singles) and len(batch) + 2 <= self.batch_size:
-                batch.extend(pairs.pop(0))
+                batch.extend(pairs.popleft())
                 quota -= 1
             while singles and len(batch) < self.batch_size:
-                batch.extend(singles.pop(0))
+                batch.extend(singles.popleft())
             while pairs and len(batch) + 2 <= self.batch_size:  # singles ran out: pairs fill the batch
-                batch.extend(pairs.pop(0))
+                batch.extend(pairs.popleft())
             if pairs and len(batch) < self.batch_size:  # one place free, only pairs left: cut one
-                head, tail = pairs.pop(0)
+                head, tail = pairs.popleft()
                 batch.append(head)
-                singles.insert(0, (tail,))
+                singles.appendleft((tail,))
             order.extend(batch)
         return order
 
