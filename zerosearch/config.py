@@ -104,7 +104,8 @@ class DataConfig:
     """With `train_both_orders`: a question and its swapped copy go into the same batch, so in every step the last
     option is the gold exactly as often as the first. Without it a short run's draw can pay the last option (in one
     12-step run the gold was the option searched last in 62 of 82 comparison trajectories of steps 7-12, where the
-    warm-up puts the largest learning rate; docs/results.md). Upstream has no such option."""
+    warm-up puts the largest learning rate; docs/results.md). The pairs are also spread evenly over the batches
+    (`PromptSampler`), so no batch is all comparisons. Upstream has no such option."""
 
 
 @dataclass(frozen=True)
