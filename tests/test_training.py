@@ -1104,6 +1104,24 @@ def test_pair_orders_pairs_each_a_or_b_question_with_its_swapped_copy():
         load_config("cpu", ["data.pair_orders=true"])
 
 
+def test_pair_orders_keeps_pairs_disjoint_when_a_question_is_asked_twice():
+    from zerosearch.data import order_pairs
+    from zerosearch.data.qa import QASample
+    from zerosearch.data.sampler import PromptSampler
+
+    def sample(question, k):
+        return QASample(question=question, golden_answers=["Paris"], data_source="x",
+                        prompt=[{"role": "user", "content": question}], index=k)
+
+    ab, ba = "Which is bigger, Paris or Lyon?", "Which is bigger, Lyon or Paris?"
+    # the question twice (a duplicated row), then both swapped copies, and an open question
+    samples = [sample(ab, 0), sample(ab, 1), sample("Who wrote Hamlet?", 2), sample(ba, 3), sample(ba, 4)]
+    pairs = order_pairs(samples)
+    assert sorted(pairs) == [(0, 3), (1, 4)]  # each copy with its own partner, none shared
+    PromptSampler(len(samples), 2, seed=0, pairs=pairs)  # disjoint, so the sampler takes them
+    assert order_pairs(samples[:4]) == [(0, 3)]  # one partner for two copies: the second stays single
+
+
 def test_max_gen_batches_below_one_is_refused():
     with pytest.raises(ConfigError, match="algorithm.max_gen_batches"):
         load_config("cpu", ["algorithm.max_gen_batches=0"])

@@ -73,15 +73,26 @@ def with_named_share(samples: list[QASample], share: float) -> list[QASample]:
 
 def order_pairs(samples: list[QASample]) -> list[tuple[int, int]]:
     """Positions (i, j), i < j, of each "…, A or B?" question and its "…, B or A?" copy in `samples`
-    (`data.train_both_orders`), for `data.pair_orders`."""
+    (`data.train_both_orders`), for `data.pair_orders`. The pairs are disjoint: a question asked twice in the split
+    (as in the training splits of several sources) pairs each of its copies with a copy of its own swap, and one
+    without a free partner stays single."""
+    from collections import defaultdict, deque
+
     from zerosearch.rollout.copying import swapped_question
 
-    where = {s.question: k for k, s in enumerate(samples)}
-    pairs = []
+    where: dict[str, deque[int]] = defaultdict(deque)
     for k, s in enumerate(samples):
-        question = swapped_question(s.question, s.golden_answers)
-        j = where.get(question) if question is not None else None
-        if j is not None and k < j:
+        where[s.question].append(k)
+    used, pairs = set(), []
+    for k, s in enumerate(samples):
+        if k in used or (question := swapped_question(s.question, s.golden_answers)) is None:
+            continue
+        free = where.get(question, deque())
+        while free and (free[0] <= k or free[0] in used):
+            free.popleft()
+        if free:
+            j = free.popleft()
+            used.update((k, j))
             pairs.append((k, j))
     return pairs
 
