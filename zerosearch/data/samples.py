@@ -74,8 +74,9 @@ def with_named_share(samples: list[QASample], share: float) -> list[QASample]:
 def order_pairs(samples: list[QASample]) -> list[tuple[int, int]]:
     """Positions (i, j), i < j, of each "…, A or B?" question and its "…, B or A?" copy in `samples`
     (`data.train_both_orders`), for `data.pair_orders`. The pairs are disjoint: a question asked twice in the split
-    (as in the training splits of several sources) pairs each of its copies with a copy of its own swap, and one
-    without a free partner stays single."""
+    (a duplicated row; the bundled splits have none) pairs each of its copies with a copy of its own swap, and one
+    without a free partner stays single; before, both copies took the same swapped copy and `PromptSampler`
+    refused the pairs."""
     from collections import defaultdict, deque
 
     from zerosearch.rollout.copying import swapped_question
