@@ -151,6 +151,28 @@ def test_eval_searches_the_real_engine_unless_asked(qa_file, tiny_model_dir, mon
     assert "--search google" in err and "SER_API_KEY" in err  # grpo.yaml validates through Google
 
 
+def test_eval_of_a_two_hop_training_config_searches_the_real_engine(qa_file, tiny_model_dir, tmp_path, capsys):
+    """A run's config with the prompt-mode simulator's `search.two_hop` is what the warm-start's untrained eval
+    loads: the real engine it searches has no two-hop mode, so the setting is off, not an error."""
+    from zerosearch.config import load_config, save_config
+
+    saved = save_config(load_config("cpu", ["search.two_hop=true"]), tmp_path)
+
+    def config(*argv):
+        args, overrides = _parse_eval_args(["--data", str(qa_file), "--model", str(tiny_model_dir),
+                                            "--config", str(saved), *argv])
+        return build_config(args, overrides, search_default="search.engine")
+
+    cfg = config()
+    assert (cfg.search.mode, cfg.search.two_hop) == ("wiki", False)
+    assert (config("--search", "wiki").search.two_hop, config("search.mode=wiki").search.two_hop) == (False, False)
+    cfg = config("--search", "simulate_prompt")  # the simulator it was trained against keeps its setting
+    assert (cfg.search.mode, cfg.search.two_hop) == ("simulate_prompt", True)
+    err = run_fast(["--data", str(qa_file), "--model", str(tiny_model_dir), "--config", str(saved),
+                    "search.two_hop=true"], capsys)
+    assert "search.two_hop" in err  # asked for explicitly with the real engine: still refused
+
+
 def test_simulated_search_results_say_the_simulator_saw_the_answer(tmp_path):
     table = aggregate([row("NQ", 1.0, 1.0)])
     write_outputs(tmp_path / "sim", [], table, {"simulator_saw_answer": True})

@@ -81,17 +81,25 @@ def build_config(args: argparse.Namespace, overrides: list[str], uses_search: bo
     if not uses_search:  # `--method direct`: the search flags do not matter, so they cannot fail
         flag_overrides = [o for o in flag_overrides if not o.startswith("search.")]
     all_overrides = flag_overrides + overrides
+    modes = [o.split("=", 1)[1] for o in all_overrides if o.startswith("search.mode=")]
     try:
-        cfg = load_config(args.config, all_overrides)
-        if (uses_search and search_default == "search.engine" and args.search is None
-                and not any(o.startswith("search.mode=") for o in overrides)):
-            cfg = load_config(args.config, [f"search.mode={cfg.search.engine}", *all_overrides])
+        # a training config's simulator-only setting (`search.two_hop`) does not apply when another backend is
+        # chosen here; an explicit `search.two_hop=true` among the overrides still fails, as it should
+        cfg = load_config(args.config, [*_simulator_only_off(modes[-1] if modes else None), *all_overrides])
+        if uses_search and search_default == "search.engine" and not modes:
+            cfg = load_config(args.config, [f"search.mode={cfg.search.engine}",
+                                            *_simulator_only_off(cfg.search.engine), *all_overrides])
     except ConfigError as e:
         raise EvalUsageError(str(e)) from None
     if uses_search:
         check_search_inputs(cfg)
     check_model(cfg.model.path, "--model")
     return cfg
+
+
+def _simulator_only_off(mode: str | None) -> list[str]:
+    """Overrides that switch off the settings only a prompt-mode simulator reads, when `mode` is another backend."""
+    return [] if mode in (None, "simulate_prompt", "hybrid") else ["search.two_hop=false"]
 
 
 def check_search_inputs(cfg: Config) -> None:
