@@ -1105,7 +1105,7 @@ def test_pair_orders_pairs_each_a_or_b_question_with_its_swapped_copy():
 
 
 def test_pair_orders_keeps_pairs_disjoint_when_a_question_is_asked_twice():
-    from zerosearch.data import order_pairs
+    from zerosearch.data import order_pairs, swapped_samples
     from zerosearch.data.qa import QASample
     from zerosearch.data.sampler import PromptSampler
 
@@ -1114,12 +1114,17 @@ def test_pair_orders_keeps_pairs_disjoint_when_a_question_is_asked_twice():
                         prompt=[{"role": "user", "content": question}], index=k)
 
     ab, ba = "Which is bigger, Paris or Lyon?", "Which is bigger, Lyon or Paris?"
-    # the question twice (a duplicated row), then both swapped copies, and an open question
-    samples = [sample(ab, 0), sample(ab, 1), sample("Who wrote Hamlet?", 2), sample(ba, 3), sample(ba, 4)]
+    # the question twice (a duplicated row) and an open question, then their swapped copies, as load_samples builds
+    originals = [sample(ab, 0), sample(ab, 1), sample("Who wrote Hamlet?", 2)]
+    samples = originals + swapped_samples(originals)
+    assert [s.question for s in samples[3:]] == [ba, ba]
     pairs = order_pairs(samples)
     assert sorted(pairs) == [(0, 3), (1, 4)]  # each copy with its own partner, none shared
     PromptSampler(len(samples), 2, seed=0, pairs=pairs)  # disjoint, so the sampler takes them
-    assert order_pairs(samples[:4]) == [(0, 3)]  # one partner for two copies: the second stays single
+    assert order_pairs(samples[:4]) == [(0, 3)]  # the second row's copy left out: that row stays single
+    assert "swap_of" not in originals[0].extra_info  # the copies' records are their own
+    with pytest.raises(ValueError, match="sample 0 .* swapped copy of sample 0"):
+        order_pairs([samples[3], *samples])  # a list not built as load_samples builds it
 
 
 def test_max_gen_batches_below_one_is_refused():

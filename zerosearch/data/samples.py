@@ -73,42 +73,34 @@ def with_named_share(samples: list[QASample], share: float) -> list[QASample]:
 
 def order_pairs(samples: list[QASample]) -> list[tuple[int, int]]:
     """Positions (i, j), i < j, of each "…, A or B?" question and its "…, B or A?" copy in `samples`
-    (`data.train_both_orders`), for `data.pair_orders`. The pairs are disjoint: a question asked twice in the split
-    (a duplicated row; the bundled splits have none) pairs each of its copies with a copy of its own swap, and one
-    without a free partner stays single; before, both copies took the same swapped copy and `PromptSampler`
-    refused the pairs."""
-    from collections import defaultdict, deque
-
-    from zerosearch.rollout.copying import swapped_question
-
-    where: dict[str, deque[int]] = defaultdict(deque)
-    for k, s in enumerate(samples):
-        where[s.question].append(k)
-    used, pairs = set(), []
-    for k, s in enumerate(samples):
-        if k in used or (question := swapped_question(s.question, s.golden_answers)) is None:
+    (`data.train_both_orders`), for `data.pair_orders`: each copy names its question by position
+    (`extra_info["swap_of"]`, set by `swapped_samples`), so the pairs are disjoint by construction, a question
+    asked twice in the split included (each of its rows has its own copy)."""
+    pairs = []
+    for j, s in enumerate(samples):
+        i = s.extra_info.get("swap_of")
+        if i is None:
             continue
-        free = where.get(question, deque())
-        while free and (free[0] <= k or free[0] in used):
-            free.popleft()
-        if free:
-            j = free.popleft()
-            used.update((k, j))
-            pairs.append((k, j))
+        if not (isinstance(i, int) and 0 <= i < j):
+            raise ValueError(f"sample {j} ({s.question!r}) says it is the swapped copy of sample {i}, which is not "
+                             "an earlier position of this list; build the list as load_samples does")
+        pairs.append((i, j))
     return pairs
 
 
 def swapped_samples(samples: list[QASample]) -> list[QASample]:
     """The "…, A or B?" questions whose gold answer is A or B, asked "…, B or A?" (the same prompt with the question
-    in it swapped; `copying.swapped_question`). Others are left out."""
+    in it swapped; `copying.swapped_question`). Others are left out. Each copy records the position in `samples` of
+    the question it was made from (`extra_info["swap_of"]`), which `order_pairs` reads."""
     from zerosearch.rollout.copying import swapped_question
 
     out = []
-    for s in samples:
+    for k, s in enumerate(samples):
         question = swapped_question(s.question, s.golden_answers)
         if question is not None:
             prompt = [{**m, "content": m["content"].replace(s.question, question)} for m in s.prompt]
-            out.append(dataclasses.replace(s, question=question, prompt=prompt))
+            out.append(dataclasses.replace(s, question=question, prompt=prompt,
+                                           extra_info={**s.extra_info, "swap_of": k}))
     return out
 
 
