@@ -22,6 +22,11 @@ zerosearch's own `micro_batches` / `loss_weight` as `_TrainedWorker._accumulate`
     .venv/bin/python scripts/gpu_check.py            # on a machine without CUDA: part 1 on CPU only, part 2 skipped
     .venv/bin/python scripts/gpu_check.py --smoke --timing-device cpu   # part 2's code path at a toy size, on CPU
 
+Part 3 (precision of the GPU default's update): one AdamW step at `configs/grpo.yaml`'s learning rate (1e-6) on
+a random model of SmolLM2-135M's shape with the weights as `model.dtype` says (fp32 under bf16 autocast), and on
+bf16 weights beside it: the share of the layers' weights the step changes. Asserted: the configured weights move.
+Runs where part 2 runs.
+
 Exit status 0 when every assertion held, 1 otherwise (after both parts have run and printed), 2 when the
 zerosearch modules cannot be imported.
 """
@@ -324,6 +329,62 @@ def part2(device: torch.device, smoke: bool, repeats: int, failures: list[str]) 
           "loss tok/s only the loss-carrying ones)")
 
 
+def part3(device: torch.device, smoke: bool, failures: list[str]) -> None:
+    """The GPU default's precision: one AdamW step at `configs/grpo.yaml`'s learning rate, on weights kept as
+    `model.dtype` says (fp32 masters under bf16 autocast) and, beside it, on bf16 weights (the old default)."""
+    from zerosearch.config import load_config
+
+    cfg = load_config("grpo", ["actor.lr_warmup_steps_ratio=0"])
+    m, a = cfg.model, cfg.actor
+    print(f"\n== Part 3: one AdamW step at configs/grpo.yaml's actor.lr={a.lr:g} (no warm-up), on {device} ==")
+    shape = dict(SMOLLM2_135M)
+    groups, n, turn, obs, prompt = 2, 4, 64, 160, 256
+    if smoke:
+        groups, n, turn, obs, prompt = 2, 2, 8, 16, 32
+        shape.update(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2)
+    gen = torch.Generator().manual_seed(2)
+    trajs = fake_trajectories(gen, shape["vocab_size"], groups, n, (prompt, prompt), (turn, turn), (obs, obs))
+    adv = grpo_advantages_for(trajs, torch.rand(len(trajs), generator=gen))  # [B, R]
+    batch = collate(trajs, pad_id=0)
+    mask = batch.train_mask.to(device)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    rows = [(f"configs/grpo.yaml: model.dtype={m.dtype}, autocast {m.autocast_dtype or 'off'}", m.dtype,
+             m.autocast_dtype or None), ("bf16 weights (the old model.dtype: bfloat16), no autocast", "bfloat16", None)]
+    print(f"{'weights':<66}{'moved':>8}{'median |step| / lr':>20}{'s / step':>10}")
+    for label, dtype, autocast in rows:
+        with torch.device(device):
+            model = llama(0, **shape).to(dtypes[dtype])
+        net = TokenLogProbs(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999))
+        layers = [p for name, p in model.named_parameters() if ".layers." in name]
+        before = [p.detach().float().clone() for p in layers]
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        lp, _ = token_logprobs(net, batch, batch.train_mask.bool(), device, autocast=DTYPES_BY_NAME.get(autocast),
+                               temperature=TEMPERATURE)
+        loss, _ = actor_loss(lp, lp.detach(), lp.detach(), adv.to(device), mask, kl_coef=KL_COEF, kl_kind=KL_TYPE,
+                             clip_ratio=CLIP_RATIO, agg=AGG)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        sync()
+        took = time.perf_counter() - t0
+        delta = torch.cat([(p.detach().float() - b).flatten() for p, b in zip(layers, before)])
+        moved = float((delta != 0).float().mean())
+        step = float(delta.abs().median()) / a.lr
+        print(f"{label:<66}{moved:>8.3f}{step:>20.3f}{took:>10.3f}")
+        if dtype == m.dtype and moved < 0.9:
+            failures.append(f"part 3: the configured weights ({dtype}) moved at only {moved:.3f} of their entries")
+        del model, net, opt
+    print("(moved: the share of the transformer layers' weights the step changed; |step| / lr about 1 is AdamW's "
+          "first step taken in full, 0 is a step rounded away)")
+
+
+DTYPES_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--timing-device", choices=("auto", "cuda", "cpu", "none"), default="auto",
@@ -366,6 +427,15 @@ def main() -> int:
 
             traceback.print_exc()
             failures.append(f"part 2 raised {type(exc).__name__}: {exc}")
+
+    if timing != "none" and not (timing == "cuda" and not cuda):
+        try:
+            part3(torch.device(timing), args.smoke, failures)
+        except Exception as exc:  # noqa: BLE001 - reported in the RESULT lines
+            import traceback
+
+            traceback.print_exc()
+            failures.append(f"part 3 raised {type(exc).__name__}: {exc}")
 
     print("\nRESULT " + ("ok" if not failures else f"FAILED ({len(failures)})"))
     for f in failures:

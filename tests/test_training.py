@@ -905,6 +905,35 @@ def test_reference_in_bf16_holds_bf16_weights_and_close_log_probs(tiny_model_dir
         load_config("cpu", ["model.ref_dtype=int8"])
 
 
+def test_the_gpu_default_keeps_fp32_master_weights_so_an_lr_1e_6_step_moves_them(tiny_model_dir):
+    """configs/grpo.yaml trains fp32 weights under bf16 autocast with a bf16 reference, as verl does. bf16 trained
+    weights are refused: AdamW's step is about `lr` per weight, and bf16 rounds a step under 1/512 of a weight
+    back to it, so the same update moves almost nothing (shown here)."""
+    from zerosearch.training.workers import ActorRolloutWorker, _ModelWorker
+
+    cfg = load_config("grpo", [f"model.path={tiny_model_dir}", "trainer.device=cpu", "actor.lr_warmup_steps_ratio=0"])
+    assert (cfg.model.dtype, cfg.model.autocast_dtype, cfg.model.ref_dtype) == ("float32", "bfloat16", "bfloat16")
+    assert cfg.actor.lr == 1e-6
+    trajs = [_traj(p, r, m, uid=i) for i, (p, r, m) in enumerate(TRAJS)]
+    advantages = [[0.5, -1.0, 0.0, 0.0, 2.0], [1.0, 1.0, -0.5], [-1.0, 0.0, 0.0, 0.0, 0.3, 0.3, 0.3]]
+
+    def moved_share(dtype: str) -> float:
+        """The share of the transformer layers' weights one actor update changes (weights as `dtype`)."""
+        worker = ActorRolloutWorker.__new__(ActorRolloutWorker)
+        _ModelWorker.__init__(worker, cfg, dtype=dtype)
+        worker._init_optimizer(cfg.actor.lr, cfg.actor.weight_decay, cfg.actor.lr_warmup_steps_ratio)
+        layers = [p for n, p in worker.model.named_parameters() if ".layers." in n]
+        before = [p.detach().clone() for p in layers]
+        metrics = worker.update(trajs, advantages, None, None, step=1)
+        assert metrics["actor/lr"] == 1e-6 and metrics["actor/grad_norm"] > 0
+        return sum(int((p.detach() != b).sum()) for p, b in zip(layers, before)) / sum(b.numel() for b in before)
+
+    assert moved_share("float32") > 0.9
+    assert moved_share("bfloat16") < 0.05  # what the old GPU default (model.dtype: bfloat16) trained
+    with pytest.raises(ConfigError, match="model.dtype: bfloat16 master weights.*model.dtype=float32"):
+        load_config("grpo", ["model.dtype=bfloat16"])
+
+
 # --- DAPO's dynamic sampling (`algorithm.filter_groups`) -------------------------------------------------------------
 
 

@@ -48,7 +48,10 @@ class ModelConfig:
     path: str = "smollm2-135m-instruct"
     """Policy model: `smollm2-135m-instruct` (the embedded default), a local HF folder, or a hub id."""
     dtype: str = "float32"
-    """Parameter dtype for training (float32 on CPU; bfloat16 is typical with FSDP on GPU)."""
+    """Parameter dtype of the trained weights (actor, critic) and their AdamW state: float32, the master weights
+    that `autocast_dtype` computes from, as verl keeps them under FSDP's bf16 mixed precision. bf16 or fp16
+    weights are refused: an AdamW step under half a unit in the last place of a weight (1/512 of it in bf16)
+    rounds away, and at the learning rates RL uses (1e-6) nearly every step does (docs/differences.md)."""
     autocast_dtype: str = "bfloat16"
     """Mixed precision for the transformer in log-prob, value and loss passes (`bfloat16`, `float16`, or
     empty for none). Master weights, optimizer and the vocabulary head's forward stay in `dtype`; the head's
@@ -566,6 +569,11 @@ def validate(cfg: Config) -> None:
     _one_of(cfg.model.autocast_dtype, ("", "bfloat16", "float16"), "model.autocast_dtype")
     _one_of(cfg.model.ref_dtype, ("", "float32", "bfloat16", "float16"), "model.ref_dtype")
     _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+    _check(cfg.model.dtype == "float32", "model.dtype",
+           f"{cfg.model.dtype} master weights lose AdamW's small steps (at actor.lr={cfg.actor.lr:g} an update under "
+           f"1/512 of a weight rounds back to it in bf16, so almost nothing trains); set model.dtype=float32 and keep "
+           "the compute in low precision with model.autocast_dtype=bfloat16 (model.ref_dtype=bfloat16 holds the "
+           "frozen reference in bf16)")
     _one_of(cfg.model.attn_implementation, ATTN_IMPLEMENTATIONS, "model.attn_implementation")
     _one_of(d.train_questions, ("all", "open", "named"), "data.train_questions")
     _check(not d.pair_orders or d.train_both_orders, "data.pair_orders",

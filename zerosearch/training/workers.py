@@ -276,6 +276,11 @@ class ReferenceWorker(_ModelWorker):
 class _TrainedWorker(_ModelWorker):
     """A worker with an optimizer and a scheduler (`self.optimizer`, `self.scheduler`): the actor and the critic."""
 
+    def _init_optimizer(self, lr: float, weight_decay: float, warmup_ratio: float) -> None:
+        """AdamW over the worker's weights (fp32: `model.dtype`), with the warm-up schedule."""
+        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999))
+        self.scheduler = warmup_scheduler(self.optimizer, warmup_ratio, self.cfg.trainer.total_steps)
+
     def _optimize(self, trajs: list[Trajectory], loss_fn: LossFn, *, epochs: int, mini: int, agg: str,
                   grad_clip: float, gen: torch.Generator | None = None) -> UpdateStats:
         """`epochs` passes over `trajs` in mini-batches of `mini`, one optimizer step each, the gradients
@@ -324,9 +329,7 @@ class ActorRolloutWorker(_TrainedWorker):
     def __init__(self, cfg: Config, resume_dir: str | None = None, dist_info: DistInfo | None = None):
         super().__init__(cfg, model_path=str(Path(resume_dir) / "actor") if resume_dir else None, dist_info=dist_info)
         a = cfg.actor
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=a.lr, weight_decay=a.weight_decay,
-                                           betas=(0.9, 0.999))
-        self.scheduler = warmup_scheduler(self.optimizer, a.lr_warmup_steps_ratio, cfg.trainer.total_steps)
+        self._init_optimizer(a.lr, a.weight_decay, a.lr_warmup_steps_ratio)
         if resume_dir:
             self._load_state(Path(resume_dir))
         # engine, then search backend, then loops, in the one order that works (rollout/stack.py); a client
@@ -455,8 +458,7 @@ class CriticWorker(_TrainedWorker):
             self._head_state = load_tensors(Path(resume_dir) / "critic_value_head.pt")
         super().__init__(cfg, model_path=path, dist_info=dist_info)
         # an untied vocabulary head gets no gradient here, and AdamW skips it
-        self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        self.scheduler = warmup_scheduler(self.optimizer, c.lr_warmup_steps_ratio, cfg.trainer.total_steps)
+        self._init_optimizer(c.lr, c.weight_decay, c.lr_warmup_steps_ratio)
         if resume_dir:
             state = load_rank_state(Path(resume_dir), "critic", self.dist)
             restore_optimizer(self.optimizer, self.scheduler, state, c.lr, "critic.lr")
