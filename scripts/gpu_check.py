@@ -348,13 +348,12 @@ def part3(device: torch.device, smoke: bool, failures: list[str]) -> None:
     adv = grpo_advantages_for(trajs, torch.rand(len(trajs), generator=gen))  # [B, R]
     batch = collate(trajs, pad_id=0)
     mask = batch.train_mask.to(device)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     rows = [(f"configs/grpo.yaml: model.dtype={m.dtype}, autocast {m.autocast_dtype or 'off'}", m.dtype,
              m.autocast_dtype or None), ("bf16 weights (the old model.dtype: bfloat16), no autocast", "bfloat16", None)]
     print(f"{'weights':<66}{'moved':>8}{'median |step| / lr':>20}{'s / step':>10}")
     for label, dtype, autocast in rows:
         with torch.device(device):
-            model = llama(0, **shape).to(dtypes[dtype])
+            model = llama(0, **shape).to(DTYPES_BY_NAME[dtype])
         net = TokenLogProbs(model)
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999))
         layers = [p for name, p in model.named_parameters() if ".layers." in name]
@@ -382,7 +381,7 @@ def part3(device: torch.device, smoke: bool, failures: list[str]) -> None:
           "first step taken in full, 0 is a step rounded away)")
 
 
-DTYPES_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main() -> int:
