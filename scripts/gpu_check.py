@@ -47,6 +47,7 @@ import torch
 
 try:
     from zerosearch.algos import actor_loss, agg_loss, get_advantage_estimator, outcome_to_token_rewards
+    from zerosearch.dtypes import torch_dtype
     from zerosearch.rollout.trajectory import Trajectory
     from zerosearch.training.batch import collate, loss_totals, loss_weight, micro_batches, pad_to_grid
     from zerosearch.training.heads import TokenLogProbs, token_logprobs
@@ -353,7 +354,7 @@ def part3(device: torch.device, smoke: bool, failures: list[str]) -> None:
     print(f"{'weights':<66}{'moved':>8}{'median |step| / lr':>20}{'s / step':>10}")
     for label, dtype, autocast in rows:
         with torch.device(device):
-            model = llama(0, **shape).to(DTYPES_BY_NAME[dtype])
+            model = llama(0, **shape).to(torch_dtype(dtype))
         net = TokenLogProbs(model)
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, betas=(0.9, 0.999))
         layers = [p for name, p in model.named_parameters() if ".layers." in name]
@@ -361,8 +362,8 @@ def part3(device: torch.device, smoke: bool, failures: list[str]) -> None:
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        lp, _ = token_logprobs(net, batch, batch.train_mask.bool(), device, autocast=DTYPES_BY_NAME.get(autocast),
-                               temperature=TEMPERATURE)
+        lp, _ = token_logprobs(net, batch, batch.train_mask.bool(), device,
+                               autocast=torch_dtype(autocast) if autocast else None, temperature=TEMPERATURE)
         loss, _ = actor_loss(lp, lp.detach(), lp.detach(), adv.to(device), mask, kl_coef=KL_COEF, kl_kind=KL_TYPE,
                              clip_ratio=CLIP_RATIO, agg=AGG)
         loss.backward()
@@ -379,9 +380,6 @@ def part3(device: torch.device, smoke: bool, failures: list[str]) -> None:
         del model, net, opt
     print("(moved: the share of the transformer layers' weights the step changed; |step| / lr about 1 is AdamW's "
           "first step taken in full, 0 is a step rounded away)")
-
-
-DTYPES_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def main() -> int:

@@ -7,10 +7,19 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from zerosearch.cli import UsageError, choose_config, parse_run_args
-from zerosearch.config import CONFIG_DIR, LAUNCHER_KEYS, ConfigError, field_docs, load_config, save_config
+from zerosearch.config import (
+    CONFIG_DIR,
+    DTYPE_NAMES,
+    LAUNCHER_KEYS,
+    ConfigError,
+    field_docs,
+    load_config,
+    save_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,6 +119,17 @@ def test_unknown_key_and_bad_type_are_explained():
     with pytest.raises(ConfigError, match="model.attn_implementation.*sdpa_fp32"):  # a typo lists the choices
         load_config("cpu", ["model.attn_implementation=sdpa32"])
     assert load_config("cpu").model.attn_implementation == "sdpa_fp32"
+    with pytest.raises(ConfigError, match=r"rollout.dtype: 'half' is not one of \['float32', 'bfloat16', 'float16'\]"):
+        load_config("cpu", ["rollout.dtype=half"])
+
+
+def test_every_config_dtype_name_has_a_torch_dtype():
+    from zerosearch.dtypes import TORCH_DTYPES, torch_dtype
+
+    assert set(TORCH_DTYPES) == set(DTYPE_NAMES)
+    assert torch_dtype("bfloat16") is torch.bfloat16
+    with pytest.raises(ValueError, match="got 'half'"):
+        torch_dtype("half")
 
 
 def test_saved_config_round_trips(tmp_path):

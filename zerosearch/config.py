@@ -558,6 +558,11 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+"""The dtype names a config may give; `zerosearch.dtypes.TORCH_DTYPES` maps them to torch's (this module stays
+torch-free)."""
+
+
 def _one_of(value: Any, choices: tuple, key: str, hint: str = "") -> None:
     _check(value in choices, key, f"'{value}' is not one of {list(choices)}{'; ' + hint if hint else ''}")
 
@@ -567,8 +572,9 @@ def validate(cfg: Config) -> None:
     r, a, t, d = cfg.rollout, cfg.algorithm, cfg.trainer, cfg.data
     _validate_search(cfg)
     _one_of(cfg.model.autocast_dtype, ("", "bfloat16", "float16"), "model.autocast_dtype")
-    _one_of(cfg.model.ref_dtype, ("", "float32", "bfloat16", "float16"), "model.ref_dtype")
-    _one_of(cfg.model.dtype, ("float32", "bfloat16", "float16"), "model.dtype")
+    _one_of(cfg.model.ref_dtype, ("", *DTYPE_NAMES), "model.ref_dtype")
+    _one_of(cfg.model.dtype, DTYPE_NAMES, "model.dtype")
+    _one_of(cfg.rollout.dtype, DTYPE_NAMES, "rollout.dtype")
     _check(cfg.model.dtype == "float32", "model.dtype",
            f"{cfg.model.dtype} master weights lose AdamW's small steps (at actor.lr={cfg.actor.lr:g} an update under "
            f"1/512 of a weight rounds back to it in bf16, so almost nothing trains); set model.dtype=float32 and keep "

@@ -23,6 +23,7 @@ import torch
 
 from zerosearch.algos import actor_loss, agg_loss, value_loss
 from zerosearch.config import Config
+from zerosearch.dtypes import torch_dtype
 from zerosearch.models import resolve_model_path
 from zerosearch.rollout.factory import train_sampling, val_sampling
 from zerosearch.rollout.loop import loop_metrics
@@ -63,8 +64,6 @@ from zerosearch.training.optim import (
     state_file,
     warmup_scheduler,
 )
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 LossFn = Callable[[Batch, list[int]], tuple[torch.Tensor, dict[str, float]]]
 """`(micro-batch, its rows in the update's trajectories) -> (loss aggregated over its own tokens, metrics)`."""
@@ -107,7 +106,7 @@ def load_causal_lm(path: str, dtype: str, device: torch.device, gradient_checkpo
     if attn_implementation == "sdpa_fp32":  # SDPA's masks too: a name without a mask function gets no mask at all
         AttentionInterface.register("sdpa_fp32", _sdpa_fp32)
         AttentionMaskInterface.register("sdpa_fp32", sdpa_mask)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype],
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
                                                  attn_implementation=attn_implementation).to(device)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -184,7 +183,7 @@ class _ModelWorker:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.autocast = DTYPES[cfg.model.autocast_dtype] if cfg.model.autocast_dtype else None
+        self.autocast = torch_dtype(cfg.model.autocast_dtype) if cfg.model.autocast_dtype else None
         self.temperature = logprob_temperature(cfg)
 
     def _micro(self, trajs: list[Trajectory]) -> list[list[int]]:

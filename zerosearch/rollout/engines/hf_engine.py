@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from zerosearch.dtypes import torch_dtype
 from zerosearch.rollout.engines.base import (
     Generation,
     SamplingSpec,
@@ -27,8 +28,6 @@ from zerosearch.rollout.engines.base import (
 )
 
 logger = logging.getLogger("zerosearch.rollout")
-
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def truncate_generation(
@@ -112,9 +111,7 @@ class HFEngine:
             self.model = model_path
             source = tokenizer if tokenizer is not None else self.model.name_or_path
         else:
-            if dtype not in _TORCH_DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
-            self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=_TORCH_DTYPES[dtype])
+            self.model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch_dtype(dtype))
             self.model.to(device)
             source = tokenizer if tokenizer is not None else str(model_path)
         self.tokenizer = AutoTokenizer.from_pretrained(source) if isinstance(source, (str, Path)) else source

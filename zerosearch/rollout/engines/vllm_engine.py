@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from zerosearch.dtypes import torch_dtype
 from zerosearch.rollout.engines.base import (
     Generation,
     SamplingSpec,
@@ -41,13 +42,6 @@ from zerosearch.rollout.engines.base import (
 logger = logging.getLogger("zerosearch.rollout")
 
 GIB = 1 << 30
-_TORCH_DTYPES = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "float32": torch.float32,
-    "float": torch.float32,
-}
 
 
 class WeightSyncExtension:
@@ -103,10 +97,8 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         **llm_options: Any,
     ) -> None:
-        if dtype not in _TORCH_DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_TORCH_DTYPES)}, got {dtype!r}")
+        self.dtype = torch_dtype(dtype)
         self.model_path = str(model_path)
-        self.dtype = _TORCH_DTYPES[dtype]
         self.on_cpu = not torch.cuda.is_available()
         self.last_load_seconds: float | None = None
         self._in_flight: set[str] = set()
