@@ -640,18 +640,25 @@ def test_summary_reports_heldout_reward_and_scores_before_and_after(tmp_path):
 # --- data parallel ranks with FSDP (Gloo on CPU) ---------------------------------------------------
 
 
-def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -> None:
-    """One rank: the real ActorRolloutWorker log-prob and update code on its share of four trajectories."""
+def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str, autocast: str = "") -> None:
+    """One rank: the real ActorRolloutWorker log-prob and update code on its share of four trajectories.
+    `autocast` sets `model.autocast_dtype` (FSDP's mixed precision follows it); the dtypes of a decoder layer's and
+    of the root's weights as forward sees them are saved too."""
     os.environ["ZEROSEARCH_TORCH_THREADS"] = "1"
     from zerosearch.training.distributed import DistInfo
     from zerosearch.training.group import split
     from zerosearch.training.optim import warmup_scheduler
     from zerosearch.training.workers import ActorRolloutWorker, _ModelWorker
 
-    cfg = load_config("cpu", [f"model.path={model_dir}", "model.autocast_dtype=", "model.gradient_checkpointing=false",
+    cfg = load_config("cpu", [f"model.path={model_dir}", f"model.autocast_dtype={autocast}",
+                              "model.gradient_checkpointing=false",
                               "actor.ppo_mini_batch_size=4", "actor.micro_batch_size=8", "actor.micro_batch_tokens=16"])
     worker = ActorRolloutWorker.__new__(ActorRolloutWorker)  # no rollout engine: only the training side
     _ModelWorker.__init__(worker, cfg, dist_info=DistInfo(rank, world, "127.0.0.1", port))
+    seen: dict[str, torch.dtype] = {}
+    base = worker.model.base_model
+    for name, module in (("layer", base.layers[0].self_attn.q_proj), ("embed", base.embed_tokens)):
+        module.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: m.weight.dtype}) or None)
     worker.optimizer = torch.optim.AdamW(worker.net.parameters(), lr=1e-3)
     worker.scheduler = warmup_scheduler(worker.optimizer, 0.0, 1)
     # rank 0 of two gets the two short ones (one micro-batch), rank 1 the long ones (two micro-batches)
@@ -678,8 +685,9 @@ def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str) -
             sharded = hasattr(p, "device_mesh")
             assert hasattr(live, "device_mesh") == hasattr(back, "device_mesh") == sharded == (world > 1), key
             torch.testing.assert_close(full_tensor(back), full_tensor(live), rtol=0, atol=0)
-    torch.save({"logprobs": logprobs, "grad_norm": metrics["actor/grad_norm"], "state": state if rank == 0 else None},
-               Path(out_dir) / f"world{world}_rank{rank}.pt")
+    masters = {p.dtype for p in worker.net.parameters()}
+    torch.save({"logprobs": logprobs, "grad_norm": metrics["actor/grad_norm"], "state": state if rank == 0 else None,
+                "seen": seen, "masters": masters}, Path(out_dir) / f"world{world}_rank{rank}{autocast}.pt")
     _ModelWorker.close(worker)
 
 
@@ -710,6 +718,27 @@ def test_fsdp_ranks_match_one_process(tiny_model_dir, tmp_path):
     assert flat == pytest.approx([x for row in one["logprobs"] for x in row], abs=1e-5)
     assert two[0]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4) == two[1]["grad_norm"]
     assert one["grad_norm"] > 0
+    for name, value in one["state"].items():
+        torch.testing.assert_close(two[0]["state"][name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_fsdp_mixed_precision_gathers_decoder_layers_in_bf16_and_matches_one_process(tiny_model_dir, tmp_path):
+    """Under bf16 autocast two FSDP ranks all-gather the decoder layers in bf16 (the root, with the vocabulary head,
+    in fp32), keep fp32 master weights, and compute what one process under the same autocast computes."""
+    import torch.multiprocessing as mp
+
+    for world in (1, 2):
+        mp.start_processes(_fsdp_rank, args=(world, _free_port(), str(tiny_model_dir), str(tmp_path), "bfloat16"),
+                           nprocs=world, start_method="spawn")
+    one = torch.load(tmp_path / "world1_rank0bfloat16.pt", weights_only=False)
+    two = [torch.load(tmp_path / f"world2_rank{r}bfloat16.pt", weights_only=False) for r in range(2)]
+    assert one["seen"] == {"layer": torch.float32, "embed": torch.float32}  # one process: autocast casts per matmul
+    for rank in two:
+        assert rank["seen"] == {"layer": torch.bfloat16, "embed": torch.float32}
+        assert rank["masters"] == one["masters"] == {torch.float32}
+    flat = [x for rows in two[0]["logprobs"] + two[1]["logprobs"] for x in rows]
+    assert flat == pytest.approx([x for row in one["logprobs"] for x in row], abs=1e-5)
+    assert two[0]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3) == two[1]["grad_norm"]
     for name, value in one["state"].items():
         torch.testing.assert_close(two[0]["state"][name], value, atol=1e-6, rtol=1e-5)
 

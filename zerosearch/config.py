@@ -56,6 +56,10 @@ class ModelConfig:
     """Mixed precision for the transformer in log-prob, value and loss passes (`bfloat16`, `float16`, or
     empty for none). Master weights, optimizer and the vocabulary head's forward stay in `dtype`; the head's
     backward runs in this dtype (docs/differences.md)."""
+    fsdp_mixed_precision: bool = True
+    """With FSDP (`trainer.world_size` > 1) and `autocast_dtype`: all-gather the decoder layers in `autocast_dtype`
+    and reduce their gradients in fp32, as verl's FSDP mixed precision (half the all-gather traffic of fp32 master
+    weights, the same arithmetic). The root (embeddings, head, norm) stays in `dtype`. No effect in one process."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
     attn_implementation: str = "sdpa"

@@ -71,15 +71,23 @@ def init_distributed(info: DistInfo, device: torch.device) -> None:
     dist.init_process_group(backend, init_method=init_method, rank=info.rank, world_size=info.world)
 
 
-def shard_fsdp(net: torch.nn.Module, lm, device: torch.device) -> None:
-    """FSDP2: every decoder layer its own unit, the rest (embeddings, tied head, norm) in the root."""
+def shard_fsdp(net: torch.nn.Module, lm, device: torch.device, gather_dtype: torch.dtype | None = None) -> None:
+    """FSDP2: every decoder layer its own unit, the rest (embeddings, tied head, norm) in the root.
+
+    With `gather_dtype` (the autocast dtype, `model.fsdp_mixed_precision`) the decoder layers are all-gathered in
+    that dtype and their gradients reduced in fp32, as verl's FSDP mixed precision: half the all-gather traffic
+    and unsharded memory of fp32, and the same arithmetic, since autocast casts the weights of every matmul to that
+    dtype anyway. Their inputs are not cast (`cast_forward_inputs=False`): the residual stream stays fp32, as in
+    one process under autocast. The root keeps fp32, so the vocabulary head's forward stays fp32 (`heads.py`)."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy() if gather_dtype is None else MixedPrecisionPolicy(
+        param_dtype=gather_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for layer in getattr(lm.base_model, "layers", []):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(net, mesh=mesh)
 
 

@@ -178,7 +178,8 @@ class _ModelWorker:
             check_shared_prompts(self.model.config, cfg.rollout.max_total_length)
         self.net = self._build_net().to(self.device)
         if self.dist.world > 1:
-            shard_fsdp(self.net, self.model, self.device)
+            gather = cfg.model.autocast_dtype if cfg.model.fsdp_mixed_precision else ""
+            shard_fsdp(self.net, self.model, self.device, torch_dtype(gather) if gather else None)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
