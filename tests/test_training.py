@@ -658,7 +658,7 @@ def _fsdp_rank(rank: int, world: int, port: int, model_dir: str, out_dir: str, a
     seen: dict[str, torch.dtype] = {}
     base = worker.model.base_model
     for name, module in (("layer", base.layers[0].self_attn.q_proj), ("embed", base.embed_tokens)):
-        module.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: m.weight.dtype}) or None)
+        module.register_forward_pre_hook(lambda m, args, name=name: seen.update({name: m.weight.dtype}))
     worker.optimizer = torch.optim.AdamW(worker.net.parameters(), lr=1e-3)
     worker.scheduler = warmup_scheduler(worker.optimizer, 0.0, 1)
     # rank 0 of two gets the two short ones (one micro-batch), rank 1 the long ones (two micro-batches)
@@ -704,43 +704,43 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_fsdp_ranks_match_one_process(tiny_model_dir, tmp_path):
-    """Two FSDP ranks, each with half the batch and unequal micro-batch counts, compute the same
-    log-probs, gradient norm and updated weights as one process with the whole batch."""
+def _one_and_two_ranks(model_dir, out_dir: Path, autocast: str = "") -> tuple[dict, list[dict]]:
+    """`_fsdp_rank` in one process, then as two ranks: the one's saved results and the two's."""
     import torch.multiprocessing as mp
 
     for world in (1, 2):
-        mp.start_processes(_fsdp_rank, args=(world, _free_port(), str(tiny_model_dir), str(tmp_path)), nprocs=world,
-                           start_method="spawn")
-    one = torch.load(tmp_path / "world1_rank0.pt", weights_only=False)
-    two = [torch.load(tmp_path / f"world2_rank{r}.pt", weights_only=False) for r in range(2)]
+        mp.start_processes(_fsdp_rank, args=(world, _free_port(), str(model_dir), str(out_dir), autocast),
+                           nprocs=world, start_method="spawn")
+    one = torch.load(out_dir / f"world1_rank0{autocast}.pt", weights_only=False)
+    return one, [torch.load(out_dir / f"world2_rank{r}{autocast}.pt", weights_only=False) for r in range(2)]
+
+
+def _assert_two_ranks_match_one(one: dict, two: list[dict], grad_rel: float) -> None:
+    """The two ranks' log-probs, gradient norm and updated weights are the one process's."""
     flat = [x for rows in two[0]["logprobs"] + two[1]["logprobs"] for x in rows]
     assert flat == pytest.approx([x for row in one["logprobs"] for x in row], abs=1e-5)
-    assert two[0]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4) == two[1]["grad_norm"]
-    assert one["grad_norm"] > 0
+    assert two[0]["grad_norm"] == pytest.approx(one["grad_norm"], rel=grad_rel) == two[1]["grad_norm"]
     for name, value in one["state"].items():
         torch.testing.assert_close(two[0]["state"][name], value, atol=1e-6, rtol=1e-5)
+
+
+def test_fsdp_ranks_match_one_process(tiny_model_dir, tmp_path):
+    """Two FSDP ranks, each with half the batch and unequal micro-batch counts, compute the same
+    log-probs, gradient norm and updated weights as one process with the whole batch."""
+    one, two = _one_and_two_ranks(tiny_model_dir, tmp_path)
+    _assert_two_ranks_match_one(one, two, grad_rel=1e-4)
+    assert one["grad_norm"] > 0
 
 
 def test_fsdp_mixed_precision_gathers_decoder_layers_in_bf16_and_matches_one_process(tiny_model_dir, tmp_path):
     """Under bf16 autocast two FSDP ranks all-gather the decoder layers in bf16 (the root, with the vocabulary head,
     in fp32), keep fp32 master weights, and compute what one process under the same autocast computes."""
-    import torch.multiprocessing as mp
-
-    for world in (1, 2):
-        mp.start_processes(_fsdp_rank, args=(world, _free_port(), str(tiny_model_dir), str(tmp_path), "bfloat16"),
-                           nprocs=world, start_method="spawn")
-    one = torch.load(tmp_path / "world1_rank0bfloat16.pt", weights_only=False)
-    two = [torch.load(tmp_path / f"world2_rank{r}bfloat16.pt", weights_only=False) for r in range(2)]
+    one, two = _one_and_two_ranks(tiny_model_dir, tmp_path, "bfloat16")
     assert one["seen"] == {"layer": torch.float32, "embed": torch.float32}  # one process: autocast casts per matmul
     for rank in two:
         assert rank["seen"] == {"layer": torch.bfloat16, "embed": torch.float32}
         assert rank["masters"] == one["masters"] == {torch.float32}
-    flat = [x for rows in two[0]["logprobs"] + two[1]["logprobs"] for x in rows]
-    assert flat == pytest.approx([x for row in one["logprobs"] for x in row], abs=1e-5)
-    assert two[0]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3) == two[1]["grad_norm"]
-    for name, value in one["state"].items():
-        torch.testing.assert_close(two[0]["state"][name], value, atol=1e-6, rtol=1e-5)
+    _assert_two_ranks_match_one(one, two, grad_rel=1e-3)
 
 
 def test_ppo_with_two_fsdp_ranks_per_worker_trains_saves_and_resumes(workspace, tiny_model_dir):

@@ -177,14 +177,13 @@ class _ModelWorker:
         if cfg.actor.share_prompts:
             check_shared_prompts(self.model.config, cfg.rollout.max_total_length)
         self.net = self._build_net().to(self.device)
+        self.autocast = torch_dtype(cfg.model.autocast_dtype) if cfg.model.autocast_dtype else None
         if self.dist.world > 1:
-            gather = cfg.model.autocast_dtype if cfg.model.fsdp_mixed_precision else ""
-            shard_fsdp(self.net, self.model, self.device, torch_dtype(gather) if gather else None)
+            shard_fsdp(self.net, self.model, self.device, self.autocast if cfg.model.fsdp_mixed_precision else None)
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.autocast = torch_dtype(cfg.model.autocast_dtype) if cfg.model.autocast_dtype else None
         self.temperature = logprob_temperature(cfg)
 
     def _micro(self, trajs: list[Trajectory]) -> list[list[int]]:
