@@ -497,3 +497,26 @@ def test_simulate_self_writes_the_documents_with_the_policy_engine(smollm2_token
     assert "search/simulator_s" not in counts
     with pytest.raises(Exception, match="inside the agent loop"):
         backend.search([])
+
+
+def test_the_cpu_default_gates_the_collapsed_query_and_the_gpu_default_does_not(smollm2_tokenizer):
+    # the twenty-fifth session's case (docs/results.md): a run without the gate collapsed every query to "Question";
+    # its earlier form, "Question: <the question>", is the question's own words and passes
+    from zerosearch.config import load_config
+    from zerosearch.rollout import factory
+
+    question = "Who is Edsel Ford Ii's paternal grandfather?"
+    scripts = [["<search>Question</search>", "<answer>Edsel Ford</answer>"],
+               [f"<search>Question: {question}</search>", "<answer>Edsel Ford</answer>"],
+               ["<search>Edsel Ford</search>", "<answer>Edsel Ford</answer>"]]
+    flags = {}
+    for name in ("cpu", "grpo"):
+        settings = factory.loop_settings(load_config(name))
+        search = RecordingSearch()
+        loop = AgentLoop(ScriptedEngine(smollm2_tokenizer, scripts, 1), search, smollm2_tokenizer, settings)
+        trajs, _ = run(loop, loop.engine, [sample(i, question) for i in range(3)])
+        flags[name] = [t.noisy_flags for t in trajs]
+        assert {r.query: r.noisy for r in search.requests} == dict(zip(
+            ["Question", f"Question: {question}", "Edsel Ford"], [f[0] for f in flags[name]]))
+    assert flags["cpu"] == [[True], [False], [False]]  # "Edsel Ford": the question's own words
+    assert flags["grpo"] == [[False], [False], [False]]  # upstream: no gate
