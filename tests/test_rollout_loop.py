@@ -506,17 +506,12 @@ def test_the_cpu_default_gates_the_collapsed_query_and_the_gpu_default_does_not(
     from zerosearch.rollout import factory
 
     question = "Who is Edsel Ford Ii's paternal grandfather?"
-    scripts = [["<search>Question</search>", "<answer>Edsel Ford</answer>"],
-               [f"<search>Question: {question}</search>", "<answer>Edsel Ford</answer>"],
-               ["<search>Edsel Ford</search>", "<answer>Edsel Ford</answer>"]]
-    flags = {}
-    for name in ("cpu", "grpo"):
-        settings = factory.loop_settings(load_config(name))
+    queries = ["Question", f"Question: {question}", "Edsel Ford"]  # the last: the question's own words
+    scripts = [[f"<search>{q}</search>", "<answer>Edsel Ford</answer>"] for q in queries]
+    for name, gated in (("cpu", [True, False, False]), ("grpo", [False, False, False])):  # grpo: upstream, no gate
         search = RecordingSearch()
-        loop = AgentLoop(ScriptedEngine(smollm2_tokenizer, scripts, 1), search, smollm2_tokenizer, settings)
+        loop = AgentLoop(ScriptedEngine(smollm2_tokenizer, scripts, 1), search, smollm2_tokenizer,
+                         factory.loop_settings(load_config(name)))
         trajs, _ = run(loop, loop.engine, [sample(i, question) for i in range(3)])
-        flags[name] = [t.noisy_flags for t in trajs]
-        assert {r.query: r.noisy for r in search.requests} == dict(zip(
-            ["Question", f"Question: {question}", "Edsel Ford"], [f[0] for f in flags[name]]))
-    assert flags["cpu"] == [[True], [False], [False]]  # "Edsel Ford": the question's own words
-    assert flags["grpo"] == [[False], [False], [False]]  # upstream: no gate
+        assert [t.noisy_flags for t in trajs] == [[g] for g in gated]
+        assert {r.query: r.noisy for r in search.requests} == dict(zip(queries, gated))
