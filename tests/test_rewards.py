@@ -283,6 +283,27 @@ def test_copy_metrics_count_the_example_and_the_most_common_string_once_per_prom
     assert m["copy/question_answer_share"] == 0.0
 
 
+def test_one_string_wrapped_around_different_questions_is_counted():
+    """A collapse that keeps each query different ("Question: <the question>") escapes the most common query; the
+    most common addition to the question catches it (each prompt once, over the prompts that searched)."""
+    from zerosearch.rollout.copying import copy_metrics, query_addition
+
+    qs = ["Who directed Jaws?", "Where was Nana Saheb's father born?", "When did Queen Victoria die?",
+          "Who wrote Hamlet?", "Which river flows through Paris?"]
+    trajs = [_traj(qs[0], None, ["Question: Who directed Jaws?"], group=0),
+             _traj(qs[0], None, ["Question Jaws director"], group=0),  # another addition of the same prompt
+             _traj(qs[1], None, ["Question: Nana Saheb's father born"], group=1),
+             _traj(qs[2], None, ["Queen Victoria death date"], group=2),
+             _traj(qs[3], None, ["Hamlet"], group=3),  # the question's own word: adds nothing
+             _traj(qs[4], None, [], group=4)]  # never searched: not counted
+    assert query_addition("Question: Who directed Jaws?", qs[0]) == "question"
+    assert query_addition("Jaws director", qs[0]) == "director"
+    assert query_addition("Who directed Jaws", qs[0]) == ""
+    m = copy_metrics(trajs, TEMPLATE)
+    assert m["copy/top_query_share"] == pytest.approx(1 / 4)  # every query differs
+    assert m["copy/top_query_addition_share"] == pytest.approx(2 / 4)  # "question": prompts 0 and 1 of the 4 that searched
+
+
 def test_an_answer_repeating_the_question_is_counted():
     from zerosearch.rollout.copying import copy_metrics
 

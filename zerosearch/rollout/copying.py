@@ -124,13 +124,13 @@ def position_scores(written: list[dict], swapped: list[dict]) -> dict[str, float
     return out
 
 
-def _top_share(groups: dict[int, set[str]]) -> float:
-    """Share of the prompts whose outputs include the single most common string (each prompt counted once,
-    so a group of rollouts agreeing on its own answer is not a copy)."""
+def _top_share(groups: dict[int, set[str]], of: int | None = None) -> float:
+    """Share of the prompts (`of` of them, by default those in `groups`) whose outputs include the single most
+    common string (each prompt counted once, so a group of rollouts agreeing on its own answer is not a copy)."""
     counts = Counter(s for strings in groups.values() for s in strings)
     if not counts:
         return 0.0
-    return counts.most_common(1)[0][1] / len(groups)
+    return counts.most_common(1)[0][1] / (of or len(groups))
 
 
 def copy_metrics(trajs, template: str, prefix: str = "copy") -> dict[str, float]:
@@ -144,16 +144,31 @@ def copy_metrics(trajs, template: str, prefix: str = "copy") -> dict[str, float]
     query_groups: dict[int, set[str]] = {}
     for t in answers:
         answer_groups.setdefault(t.group, set()).add(_norm(t.answer))
+    addition_groups: dict[int, set[str]] = {}
     for t, q in queries:
         query_groups.setdefault(t.group, set()).add(_norm(q))
+        if added := query_addition(q, t.question):
+            addition_groups.setdefault(t.group, set()).add(added)
     return {
         f"{prefix}/example_answer_share": sum(copies_example(t, template) for t in answers) / max(len(answers), 1),
         f"{prefix}/example_query_share": example_queries / max(len(queries), 1),
         f"{prefix}/top_answer_share": _top_share(answer_groups),
         f"{prefix}/top_query_share": _top_share(query_groups),
+        f"{prefix}/top_query_addition_share": _top_share(addition_groups, of=len(query_groups)),
         f"{prefix}/question_answer_share": sum(repeats_question(t) for t in answers) / max(len(answers), 1),
         f"{prefix}/doc_answer_share": sum(names_document(t) for t in answers) / max(len(answers), 1),
     }
+
+
+def query_addition(query: str, question: str) -> str:
+    """The words a query adds to its question, in the query's order ("" for a query made of the question's words).
+
+    A collapse can keep each query different by wrapping the question in one fixed string: in one run at the
+    CPU default without the relevance gate, "Question: <the question>" and then "Question" alone took over. The
+    most common query saw it at its last stage (a share of 0.38 at step 10), the most common addition ("question")
+    four steps earlier (0.50 at step 6; `copy/top_query_addition_share`)."""
+    own = set(_norm(question).split())
+    return " ".join(w for w in _norm(query).split() if w not in own)
 
 
 def repeats_question(traj) -> bool:

@@ -73,6 +73,7 @@ SUMMARY_KEYS = (
     ("val_copy/example_query_share", "copy_example_query"),
     ("val_copy/top_answer_share", "top_answer_share"),
     ("val_copy/top_query_share", "top_query_share"),
+    ("val_copy/top_query_addition_share", "top_query_addition_share"),
     ("val_copy/question_answer_share", "question_answer_share"),
     ("val_copy/doc_answer_share", "doc_answer_share"),
 )
@@ -92,6 +93,7 @@ TABLE_KEYS = (
     ("val_copy/example_answer_share", "answers copying the prompt's example"),
     ("val_copy/top_answer_share", "questions sharing the most common answer"),
     ("val_copy/top_query_share", "questions sharing the most common query"),
+    ("val_copy/top_query_addition_share", "questions whose queries add the same words to the question"),
     ("val_copy/question_answer_share", "answers repeating the question"),
     ("val_copy/doc_answer_share", "answers naming a document header"),
 )
