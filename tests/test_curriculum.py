@@ -79,3 +79,26 @@ def test_load_state_dict_rejects_a_different_schedule():
     other = NoiseCurriculum(start=0.0, end=0.75, total_steps=20)
     with pytest.raises(ValueError, match="end"):
         other.load_state_dict(state)
+
+
+def test_a_run_trained_past_its_saved_schedule_keeps_the_ramp_with_curriculum_steps():
+    """Raising trainer.total_steps on resume changes the ramp, which resume refuses with a hint; keeping the old
+    ramp (search.curriculum_steps) trains on at the end noise."""
+    from zerosearch.config import ConfigError, load_config
+    from zerosearch.curriculum import curriculum_steps
+
+    saved = NoiseCurriculum(0.0, 0.5, curriculum_steps(load_config("cpu", ["trainer.total_steps=12"])))
+    saved.at(12)
+    longer = load_config("cpu", ["trainer.total_steps=24"])
+    refused = NoiseCurriculum(0.0, 0.5, curriculum_steps(longer))
+    with pytest.raises(ValueError, match="search.curriculum_steps=12"):
+        refused.load_state_dict(saved.state_dict())
+
+    kept = load_config("cpu", ["trainer.total_steps=24", "search.curriculum_steps=12"])
+    resumed = NoiseCurriculum(0.0, 0.5, curriculum_steps(kept))
+    resumed.load_state_dict(saved.state_dict())
+    assert [resumed.at(k) for k in range(13, 25)] == [0.5] * 12
+    fresh = NoiseCurriculum(0.0, 0.5, curriculum_steps(kept))  # a fresh run ramps over 12 steps, then holds
+    assert fresh.at(6) == noise_probability(6, 12, 0.0, 0.5) < fresh.at(12) == fresh.at(20) == 0.5
+    with pytest.raises(ConfigError, match="curriculum_steps"):
+        load_config("cpu", ["search.curriculum_steps=-1"])

@@ -193,6 +193,9 @@ class SearchConfig:
     (`simulate_prompt_bridge.txt`). Off, as upstream (docs/differences.md)."""
     curriculum_base: float = 4.0
     """Base b of the curriculum p(step) = start + (b^(step/T) - 1)/(b - 1) * (end - start)."""
+    curriculum_steps: int = 0
+    """T of the curriculum: the steps over which the noise ramps to END_THRESHOLD (0 = trainer.total_steps, as
+    upstream). Set it to a resumed run's old total to train past it at the end level (trainer.total_steps raised)."""
     topk: int = 5
     """TOPK: documents per search."""
     temperature: float = 0.8
@@ -647,6 +650,7 @@ def _validate_search(cfg: Config) -> None:
     _check(not s.two_hop or s.mode in ("simulate_prompt", "hybrid"), "search.two_hop",
            f"two-hop simulation needs SEARCH_MODE simulate_prompt (or hybrid), not {s.mode}; set search.two_hop=false")
     _check(s.curriculum_base > 0 and s.curriculum_base != 1, "search.curriculum_base", "must be > 0 and != 1 (upstream uses 4)")
+    _check(s.curriculum_steps >= 0, "search.curriculum_steps", f"{s.curriculum_steps} < 0; 0 ramps over trainer.total_steps")
     _check(s.topk >= 1, "search.topk", f"{s.topk} < 1; set TOPK 5")
     _check(s.max_retries >= 0 and s.timeout_s > 0 and s.concurrency >= 1, "search",
            "max_retries must be >= 0, timeout_s > 0 and concurrency >= 1")

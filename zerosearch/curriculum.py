@@ -82,6 +82,8 @@ class NoiseCurriculum:
                 raise ValueError(
                     f"checkpoint curriculum has {key}={state[key]!r} but the config has "
                     f"{key}={getattr(self, key)!r}; set the config back to {state[key]!r} to resume exactly"
+                    + (f", or to train on past step {state[key]!r} at the end noise set search.curriculum_steps="
+                       f"{state[key]!r}" if key == "total_steps" else "")
                 )
         step = int(state["step"])
         if step < 0:
@@ -90,6 +92,11 @@ class NoiseCurriculum:
 
     def metrics(self) -> dict[str, float]:
         return {"curriculum/p_noisy": self.probability(), "curriculum/step": float(self.step)}
+
+
+def curriculum_steps(cfg) -> int:
+    """The steps the configured noise ramps over: `search.curriculum_steps`, or `trainer.total_steps` when 0."""
+    return cfg.search.curriculum_steps or cfg.trainer.total_steps
 
 
 def _check_schedule(total_steps: int, start: float, end: float, base: float) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from zerosearch.config import Config
-from zerosearch.curriculum import noise_probability
+from zerosearch.curriculum import curriculum_steps, noise_probability
 from zerosearch.data import load_samples
 from zerosearch.rollout.factory import train_sampling
 from zerosearch.rollout.loop import loop_metrics
@@ -21,7 +21,7 @@ logger = logging.getLogger("zerosearch.rollout")
 def run_rollout_command(cfg: Config, out: str, num_prompts: int, split: str, step: int = 0) -> int:
     samples = load_samples(cfg, split)[:num_prompts]
     s = cfg.search
-    p_noisy = noise_probability(step, cfg.trainer.total_steps, s.start_threshold, s.end_threshold, s.curriculum_base)
+    p_noisy = noise_probability(step, curriculum_steps(cfg), s.start_threshold, s.end_threshold, s.curriculum_base)
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with build_rollout_stack(cfg, start_servers=True, log_dir=out_path.parent / "logs") as rollout:

@@ -22,7 +22,7 @@ import torch
 
 from zerosearch.algos import apply_kl_penalty, get_advantage_estimator, outcome_to_token_rewards
 from zerosearch.config import Config, ConfigError, save_config, uses_simulation_server
-from zerosearch.curriculum import NoiseCurriculum
+from zerosearch.curriculum import NoiseCurriculum, curriculum_steps
 from zerosearch.data import PromptSampler, load_samples, order_pairs, swapped_samples
 from zerosearch.ledger import Ledger, Prices, usage_between
 from zerosearch.rewards import answer_reward
@@ -345,7 +345,7 @@ def _schedules(cfg: Config, train_samples: list, state: dict) -> tuple[PromptSam
     sampler = PromptSampler(len(train_samples), cfg.data.train_batch_size, cfg.trainer.seed, cfg.data.shuffle,
                             pairs=pairs)
     s = cfg.search
-    curriculum = NoiseCurriculum(s.start_threshold, s.end_threshold, cfg.trainer.total_steps, s.curriculum_base)
+    curriculum = NoiseCurriculum(s.start_threshold, s.end_threshold, curriculum_steps(cfg), s.curriculum_base)
     if state:
         sampler.load_state_dict(state["sampler"])
         curriculum.load_state_dict(state["curriculum"])
