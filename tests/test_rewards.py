@@ -286,7 +286,8 @@ def test_copy_metrics_count_the_example_and_the_most_common_string_once_per_prom
 def test_one_string_wrapped_around_different_questions_is_counted():
     """A collapse that keeps each query different ("Question: <the question>") escapes the most common query; the
     most common addition to the question catches it (each prompt once, over the prompts that searched)."""
-    from zerosearch.rollout.copying import copy_metrics, query_addition
+    from zerosearch.rewards import query_addition
+    from zerosearch.rollout.copying import copy_metrics
 
     qs = ["Who directed Jaws?", "Where was Nana Saheb's father born?", "When did Queen Victoria die?",
           "Who wrote Hamlet?", "Which river flows through Paris?"]

@@ -174,6 +174,14 @@ def query_in_question(query: str, question: str) -> bool:
     return bool(q) and set(q) <= set(_content_words(question))
 
 
+def query_addition(query: str, question: str) -> str:
+    """The content words a search ``query`` adds to its ``question``, in the query's order ("" for one that
+    `query_in_question` accepts, or an empty one): "question" for "Question: <the question>". The copy metric
+    `copy/top_query_addition_share` counts the most common addition (`rollout.copying.copy_metrics`)."""
+    own = set(_content_words(question))
+    return " ".join(w for w in _content_words(query) if w not in own)
+
+
 def query_support(query: str, text: str, question: str = "") -> float:
     """The share of a search ``query``'s content words that ``text`` holds and ``question`` (if given) lacks.
 

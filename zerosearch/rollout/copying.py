@@ -12,7 +12,7 @@ import re
 from collections import Counter
 
 from zerosearch.data import example_for
-from zerosearch.rewards import f1_score, normalize_answer, query_overlap
+from zerosearch.rewards import f1_score, normalize_answer, query_addition, query_overlap
 
 
 def _norm(text: str | None) -> str:
@@ -134,6 +134,11 @@ def _top_share(groups: dict[int, set[str]], of: int | None = None) -> float:
 
 
 def copy_metrics(trajs, template: str, prefix: str = "copy") -> dict[str, float]:
+    """Per-batch shares of degenerate outputs. `top_query_addition_share` (the most common words the queries add to
+    their question, `rewards.query_addition`) sees a collapse that keeps each query different by wrapping the
+    question in one string: in one run at the CPU default without the relevance gate, "Question: <the question>"
+    and then "Question" alone took over; the most common query saw it at its last stage (0.38 at step 10), the most
+    common addition ("question") four steps earlier (0.50 at step 6)."""
     answers = [t for t in trajs if t.answer is not None]
     queries = [(t, q) for t in trajs for q in t.queries]
     example_queries = 0
@@ -158,17 +163,6 @@ def copy_metrics(trajs, template: str, prefix: str = "copy") -> dict[str, float]
         f"{prefix}/question_answer_share": sum(repeats_question(t) for t in answers) / max(len(answers), 1),
         f"{prefix}/doc_answer_share": sum(names_document(t) for t in answers) / max(len(answers), 1),
     }
-
-
-def query_addition(query: str, question: str) -> str:
-    """The words a query adds to its question, in the query's order ("" for a query made of the question's words).
-
-    A collapse can keep each query different by wrapping the question in one fixed string: in one run at the
-    CPU default without the relevance gate, "Question: <the question>" and then "Question" alone took over. The
-    most common query saw it at its last stage (a share of 0.38 at step 10), the most common addition ("question")
-    four steps earlier (0.50 at step 6; `copy/top_query_addition_share`)."""
-    own = set(_norm(question).split())
-    return " ".join(w for w in _norm(query).split() if w not in own)
 
 
 def repeats_question(traj) -> bool:
