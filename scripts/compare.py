@@ -1,7 +1,7 @@
 """The paper's comparison in miniature: the same training budget, the same held-out questions, real search.
 
     .venv/bin/python scripts/compare.py [--variants NAME ...] [--seeds 1 2 3] [--out runs/compare]
-        [--warmstart RUN/warmstart] [--read-only] [key=value ...]
+        [--warmstart RUN/warmstart | RUN-s{seed}/warmstart] [--read-only] [key=value ...]
 
 Every trained variant is `zerosearch train --config cpu` with its overrides (and the extra `key=value`s given
 here, e.g. `trainer.total_steps=24`); each validates with greedy rollouts through BM25 over the bundled corpus on
@@ -64,7 +64,9 @@ def trained(name: str, seed: int, out: Path, extra: list[str], warmstart: str = 
         return None
     if not summary.exists():
         # every variant but the one without search starts from the same warm-start when one is given
-        reuse = [f"model.path={warmstart}", "warmstart.enabled=false"] if warmstart and name != "rl_no_search" else []
+        # ("{seed}" in the path picks each seed's own warm-start, e.g. RUN-s{seed}/warmstart)
+        path = warmstart.format(seed=seed)
+        reuse = [f"model.path={path}", "warmstart.enabled=false"] if warmstart and name != "rl_no_search" else []
         overrides = [*TRAINED[name][1], *reuse, f"trainer.seed={seed}", f"trainer.output_dir={out}",
                      f"trainer.experiment_name={run_dir.name}", *extra]
         run([sys.executable, "-m", "zerosearch.cli", "train", "--algo", "grpo", *overrides], out / f"{run_dir.name}.log")
@@ -147,7 +149,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare")
     parser.add_argument("--warmstart", default="", help="a warm-started model (RUN/warmstart of an earlier run) that "
-                        "every trained variant but rl_no_search starts from, instead of building its own")
+                        "every trained variant but rl_no_search starts from, instead of building its own; "
+                        "'{seed}' in it is replaced by the seed (runs/main-s{seed}/warmstart: each seed its own)")
     parser.add_argument("--read-only", action="store_true", help="run nothing; tabulate the finished runs in --out")
     args, extra = parser.parse_known_args()
     results: dict[str, list[dict]] = {}

@@ -109,3 +109,30 @@ def test_compare_reports_a_position_guess_as_no_position_balanced_gain(tmp_path)
     assert rows["rl_sim_prompt"][header.index("after − before")].startswith("+0.909 ")  # 10 of 11 questions
     assert rows["rl_sim_prompt"][col] == "+0.000 [+0.000, +0.000]"
     assert rows["rl_real"][col] == "-"
+
+
+def test_compare_starts_each_seed_from_its_own_warm_start(tmp_path, monkeypatch):
+    """`--warmstart RUN-s{seed}/warmstart` gives seed 2 the second run's warm-start (so a variant pairs with the main
+    job's seed of the same number), and rl_no_search still builds its own (it warm-starts without search)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "scripts" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    commands = []
+
+    def fake_run(cmd, log):
+        commands.append(cmd)
+        run_dir = tmp_path / next(a.split("=", 1)[1] for a in cmd if a.startswith("trainer.experiment_name="))
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(compare, "run", fake_run)
+    for name in ("rl_real", "rl_no_search"):
+        for seed in (1, 2):
+            compare.trained(name, seed, tmp_path, [], warmstart="/runs/main-s{seed}/warmstart")
+    paths = [[a for a in cmd if a.startswith("model.path=")] for cmd in commands]
+    assert paths == [["model.path=/runs/main-s1/warmstart"], ["model.path=/runs/main-s2/warmstart"], [], []]
+    assert "trainer.seed=2" in commands[1] and "warmstart.enabled=false" in commands[1]
+    assert "warmstart.enabled=false" not in commands[3]
