@@ -204,6 +204,26 @@ def test_summary_of_a_warm_started_run_shows_the_untrained_policy_apart(tmp_path
     assert summary["warmstart"]["demonstrations"] == 10
     table = (tmp_path / "summary.md").read_text()
     assert "| untrained | before (warm-started) | after |" in table and "| F1 | 0.5000 | 0.3000 | 0.4000 |" in table
+    assert "10 demonstrations with wiki documents for training questions" in table
+
+
+def test_summary_says_when_the_warm_start_demonstrated_no_search(tmp_path):
+    """The no-search variant's warm-start (`warmstart.search=false`) picks its questions with the engine's documents
+    but writes demonstrations without the search turn; its summary says so rather than "with wiki documents"."""
+    import json
+
+    from zerosearch.training.summary import write_summary
+
+    (tmp_path / "warmstart").mkdir()
+    (tmp_path / "warmstart" / "warmstart.json").write_text(json.dumps(
+        {"base_model": "base", "engine": "wiki", "demonstrations": 10, "steps": 2, "wall_s": 30.0,
+         "settings": {"search": False}}))
+    val = [{"step": 0, "val/f1": 0.3, "val/em": 0.3}, {"step": 4, "val/f1": 0.4, "val/em": 0.35}]
+    summary = write_summary(tmp_path, {"val": val}, steps=4, wall_s=60.0, peak_rss_gib=1.0, simulated_queries=0)
+    assert summary["warmstart"]["search"] is False
+    table = (tmp_path / "summary.md").read_text()
+    assert "10 demonstrations without the search turn (questions chosen with wiki documents)" in table
+    assert "with wiki documents for training" not in table
 
 
 def test_the_trainer_builds_the_warm_start_once_and_trains_from_it(tmp_path, tiny_model_dir):

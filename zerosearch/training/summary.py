@@ -151,6 +151,7 @@ def write_summary(run_dir: Path, history: dict, steps: int, wall_s: float, peak_
         w = json.loads(warm.read_text())
         summary["warmstart"] = {k: w.get(k) for k in ("base_model", "engine", "demonstrations", "sources", "steps",
                                                       "first_loss", "last_loss", "wall_s")}
+        summary["warmstart"]["search"] = (w.get("settings") or {}).get("search", True)
         summary["heldout_f1_untrained"] = untrained.get("val/f1")
         for key, name in SUMMARY_KEYS:
             if key in untrained:
@@ -197,8 +198,11 @@ def _render_markdown(summary: dict, columns: list, heldout_search: str | None, o
         lines.append(f"oracle search: {oracle_search}; its scores are not held-out numbers")
     if "warmstart" in summary:
         w = summary["warmstart"]
+        # warmstart.search=false (the no-search variant): the documents chose the questions, the demonstrations omit them
+        shown = (f"with {w['engine']} documents" if w.get("search", True)
+                 else f"without the search turn (questions chosen with {w['engine']} documents)")
         lines.append(f"warm-start (a separate supervised stage, before 'before'): {w['demonstrations']} demonstrations "
-                     f"with {w['engine']} documents for training questions, {w['steps']} steps, {w['wall_s']:.0f} s; "
+                     f"{shown} for training questions, {w['steps']} steps, {w['wall_s']:.0f} s; "
                      f"untrained base model: {w['base_model']}")
     lines += ["", (f"steps {steps}, wall {wall_s / 60:.1f} min, peak RSS {peak_rss_gib:.2f} GiB, "
               f"simulated queries {int(simulated_queries)}")]
