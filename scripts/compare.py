@@ -64,8 +64,8 @@ def trained(name: str, seed: int, out: Path, extra: list[str], warmstart: str = 
         return None
     if not summary.exists():
         # every variant but the one without search starts from the same warm-start when one is given
-        # ("{seed}" in the path picks each seed's own warm-start, e.g. RUN-s{seed}/warmstart)
-        path = warmstart.format(seed=seed)
+        # ("{seed}" in the path picks each seed's own warm-start, e.g. RUN-s{seed}/warmstart; other braces stay)
+        path = warmstart.replace("{seed}", str(seed))
         reuse = [f"model.path={path}", "warmstart.enabled=false"] if warmstart and name != "rl_no_search" else []
         overrides = [*TRAINED[name][1], *reuse, f"trainer.seed={seed}", f"trainer.output_dir={out}",
                      f"trainer.experiment_name={run_dir.name}", *extra]

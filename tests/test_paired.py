@@ -136,3 +136,6 @@ def test_compare_starts_each_seed_from_its_own_warm_start(tmp_path, monkeypatch)
     assert paths == [["model.path=/runs/main-s1/warmstart"], ["model.path=/runs/main-s2/warmstart"], [], []]
     assert "trainer.seed=2" in commands[1] and "warmstart.enabled=false" in commands[1]
     assert "warmstart.enabled=false" not in commands[3]
+    # a path with braces of its own keeps them: only "{seed}" is filled in
+    compare.trained("rl_real", 3, tmp_path, [], warmstart="/runs/{old}/main-s{seed}/warmstart")
+    assert "model.path=/runs/{old}/main-s3/warmstart" in commands[4]
