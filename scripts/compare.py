@@ -9,8 +9,8 @@ the bundled held-out 2WikiMultiHopQA questions, before and after training (`summ
 `zerosearch eval` on the same questions. A finished run (its `summary.json` exists) is read, not run again, so
 the script can be stopped and started. It prints two markdown tables, written to `OUT/comparison.md` (every run's
 numbers in `OUT/comparison.json`): each variant's mean and spread over the seeds, and its held-out F1 differences
-question by question (after − before, and against real-engine and no-search RL) with 95 % bootstrap intervals over
-the questions and the seeds (`training/paired.py`).
+question by question (after − before, and against real-engine and no-search RL on the seeds both have, seed s
+against seed s) with 95 % bootstrap intervals over the questions and the seeds (`training/paired.py`).
 """
 
 from __future__ import annotations
@@ -114,29 +114,34 @@ def paired_table(results: dict[str, list[dict]], out: Path, seeds: list[int]) ->
         val_files,
     )
 
-    runs: dict[str, list[tuple[dict, dict]]] = {}
+    runs: dict[str, dict[int, tuple[dict, dict]]] = {}  # name -> seed -> (before, after)
     balanced: dict[str, list[tuple[dict, dict]] | None] = {}
     for name in results:
         if name in TRAINED:
-            files = [f for f in (val_files(out / f"{name}-s{seed}") for seed in seeds) if f]
-            runs[name] = [(per_question_f1(f[0]), per_question_f1(f[1])) for f in files]
-            pairs = [(per_question_balanced_file(f[0]), per_question_balanced_file(f[1])) for f in files]
+            files = {seed: f for seed in seeds if (f := val_files(out / f"{name}-s{seed}"))}
+            runs[name] = {seed: (per_question_f1(f[0]), per_question_f1(f[1])) for seed, f in files.items()}
+            pairs = [(per_question_balanced_file(f[0]), per_question_balanced_file(f[1])) for f in files.values()]
             balanced[name] = pairs if pairs and all(b is not None and a is not None for b, a in pairs) else None
     runs = {name: r for name, r in runs.items() if r}
     if not runs:
         return ""
     refs = [ref for ref in ("rl_real", "rl_no_search") if ref in runs]
     titles = ["variant", "runs", "after − before", "after − before, open questions",
-              "after − before, position-balanced", *(f"after − {ref} after" for ref in refs)]
+              "after − before, position-balanced", *(f"after − {ref} after (same seeds)" for ref in refs)]
     head = "| " + " | ".join(titles) + " |"
     lines = [head, "|---" * len(titles) + "|"]
-    for name, pairs in runs.items():
+    for name, by_seed in runs.items():
+        pairs = list(by_seed.values())
         before, after = [p[0] for p in pairs], [p[1] for p in pairs]
         cells = [cell(paired_difference(after, before, paired_seeds=True)),
                  cell(paired_difference(after, before, subset="open", paired_seeds=True))]
         bal = balanced[name]
         cells.append(cell(paired_difference([p[1] for p in bal], [p[0] for p in bal], paired_seeds=True)) if bal else "-")
-        cells += ["-" if ref == name else cell(paired_difference(after, [p[1] for p in runs[ref]])) for ref in refs]
+        for ref in refs:
+            # seed s of a variant against seed s of the reference (with a per-seed --warmstart, the same start)
+            shared = sorted(set(by_seed) & set(runs[ref]))
+            cells.append("-" if ref == name or not shared else cell(paired_difference(
+                [by_seed[s][1] for s in shared], [runs[ref][s][1] for s in shared], paired_seeds=True)))
         lines.append(f"| {name} | {len(pairs)} | " + " | ".join(cells) + " |")
     return ("Held-out F1 differences, question by question, with 95 % intervals from a bootstrap over the questions "
             "and each variant's seeds; position-balanced scores each \"A or B\" question by the mean of its two "

@@ -139,3 +139,28 @@ def test_compare_starts_each_seed_from_its_own_warm_start(tmp_path, monkeypatch)
     # a path with braces of its own keeps them: only "{seed}" is filled in
     compare.trained("rl_real", 3, tmp_path, [], warmstart="/runs/{old}/main-s{seed}/warmstart")
     assert "model.path=/runs/{old}/main-s3/warmstart" in commands[4]
+
+
+def test_compare_pairs_a_variant_with_the_reference_run_of_the_same_seed(tmp_path):
+    """Seed s of a variant against seed s of rl_real: each seed's runs end the same, so the difference is 0 with
+    no spread, where drawing the two sides' seeds apart would mix seed 1 with seed 2 (a wide interval); a seed
+    the reference lacks is left out of that column."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("compare", Path(__file__).parents[1] / "scripts" / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    for seed, end in ((1, 0.0), (2, 1.0)):
+        for name in ("rl_sim_prompt", "rl_real"):
+            _write_rollouts(tmp_path / f"{name}-s{seed}", 0, written_f1=0.0, swapped_f1=None)
+            _write_rollouts(tmp_path / f"{name}-s{seed}", 12, written_f1=end, swapped_f1=None)
+    _write_rollouts(tmp_path / "rl_sim_prompt-s3", 0, written_f1=0.0, swapped_f1=None)  # no rl_real-s3
+    _write_rollouts(tmp_path / "rl_sim_prompt-s3", 12, written_f1=1.0, swapped_f1=None)
+    table = compare.paired_table({"rl_sim_prompt": [{}], "rl_real": [{}]}, tmp_path, [1, 2, 3])
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines() if line.startswith("| rl_")}
+    header = next(line for line in table.splitlines() if line.startswith("| variant")).split(" | ")
+    col = next(i for i, title in enumerate(header) if title.startswith("after − rl_real after"))
+    assert rows["rl_sim_prompt"][1] == "3"
+    assert rows["rl_sim_prompt"][col].rstrip(" |") == "+0.000 [+0.000, +0.000]"
+    assert rows["rl_real"][col].rstrip(" |") == "-"

@@ -17,7 +17,7 @@ from zerosearch.search.simulated import fill_template, load_templates
 from zerosearch.simulator.cli import main as simulator_main
 from zerosearch.simulator.collect import completed_questions
 from zerosearch.simulator.evaluate import real_rows, score_result, summarise
-from zerosearch.simulator.label import JudgeError, LLMJudge, balance, label, rule_label
+from zerosearch.simulator.label import JudgeError, LLMJudge, balance, contrast_twins, label, rule_label
 from zerosearch.simulator.records import docs_from_text, read_records, rouge_l
 from zerosearch.simulator.train import TrainDataError, load_labelled, sft_examples
 
@@ -142,6 +142,66 @@ def test_label_dedupe_and_only_options_cut_the_balanced_set(tmp_path: Path) -> N
     options = [(r["query"], r["label"]) for r in read_records(tmp_path / "options.jsonl")]
     assert ("Jaws", "useful") in options and all(q in ("Jaws", "Star Wars") for q, _ in options)
     assert ("Jaws release", "useful") not in options and len(everything) == 9
+
+def test_contrast_writes_each_search_under_the_other_label_from_deeper_results(tmp_path: Path) -> None:
+    def doc(text: str) -> dict:
+        return {"title": "", "text": text}
+
+    ranked = {  # what the engine returns for each query, best first
+        "query 0": [doc("Paris here"), doc("Paris again"), doc("n1"), doc("Paris third"), doc("n2"), doc("n3")],
+        "query 1": [doc("nothing"), doc("more"), doc("n4"), doc("Paris found"), doc("Paris later")],
+        "query 2": [doc("nothing"), doc("more"), doc("n5")],  # no answer anywhere: no useful twin
+        "query 3": [doc("Paris here"), doc("Paris too"), doc("n6")],  # one answer-free document: no noisy twin
+    }
+    calls = []
+
+    def retrieve(queries: list[str], depth: int) -> list[list[dict]]:
+        calls.append(depth)
+        return [ranked[q][:depth] for q in queries]
+
+    rows = [_record(0, [("", "Paris here"), ("", "Paris again")], ["Paris"]),
+            _record(1, [("", "nothing"), ("", "more")], ["Paris"]),
+            _record(2, [("", "nothing"), ("", "more")], ["Paris"]),
+            _record(3, [("", "Paris here"), ("", "Paris too")], ["Paris"])]
+    labelled = [{**r, "label": rule_label(r)} for r in rows]
+    twins = {t["id"]: t for t in contrast_twins(labelled, retrieve, depth=10)}
+    assert calls == [10] and set(twins) == {"train/0#0~twin", "train/1#0~twin"}
+    noisy, useful = twins["train/0#0~twin"], twins["train/1#0~twin"]
+    assert noisy["label"] == "noisy" and [d["text"] for d in noisy["docs"]] == ["n1", "n2"]  # first two without it
+    assert noisy["query"] == "query 0" and rule_label(noisy) == "noisy"
+    # its own documents with the last one swapped for the first answer-bearing one below rank k
+    assert useful["label"] == "useful" and [d["text"] for d in useful["docs"]] == ["nothing", "Paris found"]
+    assert rule_label(useful) == "useful"
+    shallow = contrast_twins(labelled, retrieve, depth=3)  # "Paris found" is at rank 4: no useful twin for query 1
+    assert [t["id"] for t in shallow] == []
+
+    data = _write_jsonl(tmp_path / "records.jsonl", rows)
+    s = label(data, tmp_path / "out.jsonl", contrast=retrieve, contrast_depth=10)
+    assert s.counts == {"useful": 2, "noisy": 2} and s.twins == {"useful": 1, "noisy": 1}
+    assert s.kept == {"useful": 3, "noisy": 3}
+    kept = read_records(tmp_path / "out.jsonl")
+    assert {r["id"] for r in kept} == {r["id"] for r in rows} | set(twins)
+    with pytest.raises(ValueError, match="rule"):
+        label(data, tmp_path / "judged.jsonl", judge=lambda r: "useful", contrast=retrieve)
+
+
+def test_contrast_from_the_command_line_searches_the_corpus_with_bm25(tiny_setup: dict[str, Path], capsys) -> None:
+    rows = [{**_record(0, [("Paris", "Paris is the capital and largest city of France."),
+                           ("Berlin", "Berlin is the capital of Germany and its largest city.")], ["France"]),
+             "query": "capital largest city"}]
+    data = _write_jsonl(tiny_setup["dir"] / "records.jsonl", rows)
+    out = tiny_setup["dir"] / "out.jsonl"
+    assert simulator_main(["label", "--data", str(data), "--out", str(out), "--contrast", str(tiny_setup["corpus"]),
+                           "--contrast-depth", "8"]) == 0
+    kept = read_records(out)
+    twin = next(r for r in kept if r["id"].endswith("~twin"))
+    assert twin["label"] == "noisy" and len(twin["docs"]) == 2 and rule_label(twin) == "noisy"
+    assert {d["title"] for d in twin["docs"]} <= {c["title"] for c in CORPUS} - {"Paris"}
+    capsys.readouterr()
+    rc = simulator_main(["label", "--data", str(data), "--out", str(out), "--contrast", "default", "--judge", "llm",
+                         "--judge-model", "m"])
+    assert rc == 2 and "--judge rule" in capsys.readouterr().err
+
 
 class _FakeJudge(BaseHTTPRequestHandler):
     """An OpenAI-compatible chat endpoint that says "yes" when the prompt's documents hold 'Paris'."""

@@ -5,6 +5,7 @@
                                  [--limit N] [--offset N] [--no-policy] [--config cpu] [key=value ...]
     zerosearch simulator label   --data records.jsonl --out labelled.jsonl [--judge rule|llm
                                  --judge-url http://HOST:PORT/v1 --judge-model NAME] [--dedupe] [--only-options]
+                                 [--contrast CORPUS [--contrast-depth 30]]
     zerosearch simulator train   --data labelled.jsonl --out DIR [--model M] [--epochs 1] [--lora-r 16]
     zerosearch simulator eval    --data heldout.jsonl --out DIR [--prompt-model M] [--sft-model DIR]
                                  [--limit N] [--config cpu] [key=value ...]
@@ -92,7 +93,21 @@ def cmd_label(argv: list[str]) -> int:
     p.add_argument("--dedupe", action="store_true", help="after balancing, one record per distinct query and label")
     p.add_argument("--only-options", action="store_true",
                    help="after balancing, only searches for one option of an \"A or B\" question (docs/simulator.md)")
+    p.add_argument("--contrast", default="", metavar="CORPUS",
+                   help="also write each search under the other label, from the real engine's deeper BM25 results "
+                        "over CORPUS (`default`: the bundled one; rule judge only; docs/simulator.md)")
+    p.add_argument("--contrast-depth", type=int, default=30, help="how deep --contrast looks for twin documents")
     args = p.parse_args(argv)
+    if args.contrast and args.judge != "rule":
+        raise SimulatorUsageError("--contrast labels its twins by the rule; use it with --judge rule")
+    if args.contrast_depth < 2:
+        raise SimulatorUsageError(f"--contrast-depth must be at least 2, got {args.contrast_depth}")
+    contrast = None
+    if args.contrast:
+        from zerosearch.data import resolve_corpus
+        from zerosearch.simulator.label import bm25_retrieve
+
+        contrast = bm25_retrieve(resolve_corpus(args.contrast))
     judge = None
     if args.judge == "llm":
         if not args.judge_model:
@@ -100,12 +115,14 @@ def cmd_label(argv: list[str]) -> int:
         judge = LLMJudge(args.judge_url, args.judge_model, timeout_s=args.judge_timeout, max_retries=args.judge_retries)
     t0 = time.perf_counter()
     try:
-        s = label(args.data, args.out, judge=judge, seed=args.seed, unique=args.dedupe, only_options=args.only_options)
+        s = label(args.data, args.out, judge=judge, seed=args.seed, unique=args.dedupe, only_options=args.only_options,
+                  contrast=contrast, contrast_depth=args.contrast_depth)
     finally:
         if judge is not None:
             judge.close()
+    twins = f", twins {s.twins['useful']} useful + {s.twins['noisy']} noisy" if s.twins else ""
     print(f"label: {s.counts['useful']} useful, {s.counts['noisy']} noisy ({s.judged} judged now, {s.dropped_short} "
-          f"with fewer than k documents left out); kept {s.kept['useful']} + {s.kept['noisy']} in {args.out} "
+          f"with fewer than k documents left out){twins}; kept {s.kept['useful']} + {s.kept['noisy']} in {args.out} "
           f"in {time.perf_counter() - t0:.1f}s")
     if not s.kept["useful"]:
         print("warning: one class is empty, so nothing is kept; `train` needs both", file=sys.stderr)

@@ -15,6 +15,14 @@ Two optional cuts after the balance (not in upstream; docs/simulator.md): ``dedu
 distinct query and label (a policy sampled many times asks the same query again and again), ``only_options``
 keeps the searches for one option of an "A or B" question (`rollout.copying.swap_options`), the data of a
 second, short fine-tuning stage that teaches the simulator those entities' real pages.
+
+``contrast`` (not in upstream; docs/simulator.md), before the balance and with the rule only: each search is
+also written under the other label when the real engine's deeper results allow it, so that the same query
+appears as useful *and* as noisy and only the label tells the two targets apart. A useful search gets a noisy
+twin, the engine's first k documents among its top ``depth`` that hold no gold answer; a noisy search gets a
+useful twin, its own k documents with the last one replaced by the first answer-bearing document of ranks
+k+1..depth. Without twins the rule ties the label to the query (a query either finds the answer or does not),
+and a small simulator learns query -> documents and ignores the label.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -56,6 +65,7 @@ class LabelSummary:
     counts: dict[str, int]
     dropped_short: int
     kept: dict[str, int] = field(default_factory=dict)
+    twins: dict[str, int] = field(default_factory=dict)
 
 
 def rule_label(record: dict[str, Any]) -> str:
@@ -131,9 +141,49 @@ def is_option_search(record: dict[str, Any]) -> bool:
     return options is not None and normalize_answer(record["query"]) in {normalize_answer(o) for o in options[1:]}
 
 
+def contrast_twins(records: list[dict[str, Any]], retrieve: Callable[[list[str], int], list[list[dict[str, str]]]],
+                   depth: int) -> list[dict[str, Any]]:
+    """The other label's twin of each rule-labelled record, where the top `depth` documents of
+    ``retrieve(queries, depth)`` (title and text dicts, best first) allow one; ids get a ``~twin`` suffix."""
+    twins = []
+    ranked = retrieve([r["query"] for r in records], depth) if records else []
+    for record, docs in zip(records, ranked):
+        k, answers = record["topk"], record["golden_answers"]
+        has = [answer_in_docs([d], answers) for d in docs]
+        if record["label"] == "useful":
+            new = [d for d, h in zip(docs, has) if not h][:k]
+            if len(new) < k:
+                continue
+        else:
+            extra = next((d for d, h in list(zip(docs, has))[k:] if h), None)
+            if extra is None:
+                continue
+            new = [*record["docs"][:k - 1], extra]
+        other = "noisy" if record["label"] == "useful" else "useful"
+        twins.append({**record, "id": f"{record['id']}~twin", "docs": new, "label": other, "judge": "rule-twin"})
+    return twins
+
+
+def bm25_retrieve(corpus: str | Path) -> Callable[[list[str], int], list[list[dict[str, str]]]]:
+    """`contrast_twins`' retrieve over a JSONL corpus with the `wiki` engine's BM25 (titles split off)."""
+    from zerosearch.search.bm25 import BM25Search, split_title
+
+    engine = BM25Search(corpus)
+
+    def retrieve(queries: list[str], depth: int) -> list[list[dict[str, str]]]:
+        return [[dict(zip(("title", "text"), split_title(d["contents"]))) for d, _ in row]
+                for row in engine.retrieve(queries, topk=depth)]
+
+    return retrieve
+
+
 def label(data: str | Path, out: str | Path, judge: LLMJudge | None = None, seed: int = 0,
-          workers: int = 8, unique: bool = False, only_options: bool = False) -> LabelSummary:
+          workers: int = 8, unique: bool = False, only_options: bool = False,
+          contrast: Callable[[list[str], int], list[list[dict[str, str]]]] | None = None,
+          contrast_depth: int = 30) -> LabelSummary:
     """Label the records of `data` (resuming from OUT.judged.jsonl) and write the balanced set to `out`."""
+    if contrast is not None and judge is not None:
+        raise ValueError("contrast twins are labelled by the rule; use them with the rule judge only")
     out = Path(out)
     records = read_records(data, required=("id", "question", "golden_answers", "query", "docs", "topk"))
     repeated = len(records) - len({r["id"] for r in records})
@@ -168,6 +218,10 @@ def label(data: str | Path, out: str | Path, judge: LLMJudge | None = None, seed
     counts = Counter(r["label"] for r in labelled)
     summary = LabelSummary(judged=len(todo), counts={k: counts.get(k, 0) for k in LABELS},
                            dropped_short=len(records) - len(full))
+    if contrast is not None:
+        twins = contrast_twins(labelled, contrast, contrast_depth)
+        summary.twins = {k: sum(t["label"] == k for t in twins) for k in LABELS}
+        labelled = labelled + twins
     kept = balance(labelled, seed)
     if unique:
         kept = dedupe(kept)
